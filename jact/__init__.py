@@ -1,0 +1,19 @@
+"""jact: Activation Compressed Training for JAX and Flax.
+
+Autodiff keeps the forward pass's residuals alive until the backward pass needs them, and they
+dominate training memory. jact stores them compressed (1-8 bits per value, per-group scale,
+stochastic rounding) and restores them in the backward pass, as composable function transforms.
+"""
+
+from jact import memory, policies
+from jact.codec import QuantizedArray, dequantize, quantize
+from jact.info import ResidualInfo, ResidualTable
+# from jact.introspect import residuals
+from jact.transform import remat_compress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedArray", "ResidualInfo", "ResidualTable", "dequantize", "memory", "policies",
+    "quantize", "remat_compress", "residuals",
+]

@@ -1,0 +1,310 @@
+"""The codec: per-group affine quantisation with stochastic rounding, packed into bytes.
+
+This is the pure jax.numpy reference; `jact.kernels` holds the fused Pallas version, which
+produces bit-identical codes.
+
+Grouping. A group is `group_size` consecutive elements in row-major order. The array is viewed
+as `shape[:lead] + (cols,)`, where `cols` is the product of the fewest trailing axes whose size is
+a multiple of `group_size`, and groups tile `cols`. Groups therefore follow the innermost
+(feature/channel) axis, where activations of one example and position share a scale, they need
+no padding, and they never cross the leading (batch, sequence, spatial) axes, so an array sharded
+along those axes is quantised with no communication. When no trailing product is a multiple of
+`group_size` the whole array is flattened and the last group is padded with its last element
+(which leaves that group's range unchanged).
+
+Per-group code. With `lo`/`hi` the group's min/max and `L = 2**bits - 1` levels, the grid is
+`lo' + k * step` for k = 0..L, where `lo'` is `lo` rounded down and `hi'` is `hi` rounded up to
+bfloat16 and `step = (hi' - lo') / L`; each element stores its grid index in `bits` bits.
+Metadata is the pair (lo', hi') in bfloat16: 32 bits per group, 0.125 bits per value at the
+default group size of 256. bfloat16 keeps float32's exponent range, so no activation overflows
+it, and values 0 and 1 (ReLU masks, dropout masks) stay exactly on the grid. Error: at most
+`step` with stochastic rounding (which is unbiased: E[decode] = x), at most `step / 2` with nearest
+rounding; `step` exceeds `(hi - lo) / L` only by the bfloat16 rounding of the two ends
+(relative 2**-8 of |lo| and |hi|).
+
+Special groups. A constant group (lo == hi) stores lo' == hi' and its exact value in the group's
+payload bytes, so it round-trips bit for bit in any dtype (its codes would all be zero anyway).
+A group holding NaN or +-Inf has non-finite metadata and decodes to non-finite values: a
+non-finite activation keeps the gradient non-finite, as it would be without compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jact import hashing
+
+PACKED_BITS = (1, 2, 4, 8)
+SUPPORTED_BITS = PACKED_BITS + (16, 32)
+ROUNDINGS = ("stochastic", "nearest")
+FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+GROUP_SIZE_QUANTUM = 64  # group_size must be a multiple: one byte at 1 bit, room for a float64
+METADATA_BITS_PER_GROUP = 32  # (lo, hi) in bfloat16
+MIN_RANGE = 2.0**-100  # floor on a group's range, so that levels / range stays finite
+
+
+def check_bits(bits: Any, what: str = "bits") -> int:
+  """Returns `bits` as an int, or raises a ValueError naming the accepted widths."""
+  if bits is None:
+    return 32
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in SUPPORTED_BITS:
+    raise ValueError(f"{what}={bits!r} is not supported; use one of {SUPPORTED_BITS} (or None, same as 32).")
+  return int(bits)
+
+
+def check_group_size(group_size: Any) -> int:
+  if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+      or group_size <= 0 or group_size % GROUP_SIZE_QUANTUM):
+    raise ValueError(f"group_size={group_size!r} must be a positive multiple of {GROUP_SIZE_QUANTUM} "
+                     "(for example 64, 128, 256, 512).")
+  return int(group_size)
+
+
+def check_float_dtype(dtype: Any, what: str = "x") -> np.dtype:
+  dtype = jnp.dtype(dtype)
+  if dtype not in FLOAT_DTYPES:
+    raise TypeError(f"{what} has dtype {dtype}; jact compresses floating-point arrays only "
+                    f"({', '.join(map(str, FLOAT_DTYPES))}).")
+  return dtype
+
+
+def check_rounding(rounding: Any) -> str:
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding={rounding!r} is not supported; use one of {ROUNDINGS}.")
+  return rounding
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How an array of `shape` is cut into groups (see the module docstring)."""
+  shape: tuple[int, ...]
+  group_size: int
+  lead: int  # leading axes kept as they are; groups tile the product of the others
+
+  @classmethod
+  def of(cls, shape: tuple[int, ...], group_size: int) -> "Layout":
+    shape = tuple(int(d) for d in shape)
+    if math.prod(shape) > 0:
+      for lead in range(len(shape), 0, -1):
+        if math.prod(shape[lead:]) % group_size == 0:
+          return cls(shape, group_size, lead)
+    return cls(shape, group_size, 0)
+
+  @property
+  def cols(self) -> int:
+    return math.prod(self.shape[self.lead:])
+
+  @property
+  def num_groups_per_row(self) -> int:
+    return -(-self.cols // self.group_size)
+
+  @property
+  def num_groups(self) -> int:
+    return math.prod(self.shape[:self.lead]) * self.num_groups_per_row
+
+  @property
+  def group_shape(self) -> tuple[int, ...]:
+    """Shape of the per-group metadata."""
+    return self.shape[:self.lead] + (self.num_groups_per_row,)
+
+  def to_groups(self, x: jax.Array) -> jax.Array:
+    """(…) -> group_shape + (group_size,), padding the flattened tail with its last element."""
+    rows = self.shape[:self.lead]
+    flat = x.reshape(rows + (self.cols,))
+    pad = self.num_groups_per_row * self.group_size - self.cols
+    if pad:
+      flat = jnp.pad(flat, [(0, 0)] * len(rows) + [(0, pad)], mode="edge")
+    return flat.reshape(self.group_shape + (self.group_size,))
+
+  def from_groups(self, groups: jax.Array) -> jax.Array:
+    """Inverse of `to_groups`; extra leading axes (from `vmap`) are kept in front."""
+    batch = groups.shape[:groups.ndim - len(self.group_shape) - 1]
+    flat = groups.reshape(batch + self.shape[:self.lead] + (self.num_groups_per_row * self.group_size,))
+    return flat[..., :self.cols].reshape(batch + self.shape)
+
+
+def payload_nbytes(num_elements: int, bits: int, group_size: int, dtype) -> int:
+  """Bytes that `quantize` stores for an array of `num_elements` (payload plus metadata)."""
+  if bits == 32:
+    return num_elements * jnp.dtype(dtype).itemsize
+  if bits == 16:
+    return num_elements * 2
+  groups = -(-num_elements // group_size) if num_elements else 0
+  # Only the fallback layout pads; an exact count follows from Layout when the shape is known.
+  return groups * (group_size * bits // 8 + METADATA_BITS_PER_GROUP // 8)
+
+
+def stored_nbytes(shape: tuple[int, ...], dtype, bits: int, group_size: int) -> int:
+  """Exact bytes held by `quantize(x, bits, group_size)` for an `x` of this shape and dtype."""
+  n = math.prod(shape)
+  if bits in (16, 32):
+    return payload_nbytes(n, bits, group_size, dtype)
+  groups = Layout.of(shape, group_size).num_groups
+  return groups * (group_size * bits // 8 + METADATA_BITS_PER_GROUP // 8)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """A compressed array: packed codes plus per-group (lo, hi) metadata.
+
+  A registered pytree (its arrays are leaves, its shape, dtype, bits and group size are static),
+  so it passes through `jit`, `vmap`, `scan` and `custom_vjp` residuals. Under `vmap` the leaves
+  carry extra leading axes; `dequantize` handles them.
+
+  Attributes:
+    payload: uint8 codes, `bits` per value, packed densely, shape `group_shape + (group_size *
+      bits // 8,)`; for bits=16 the bfloat16 values; for bits=32 the original array.
+    lo, hi: per-group bfloat16 bounds of the code grid (None for bits 16 and 32); lo == hi marks
+      a constant group, whose exact value is in its payload bytes.
+    shape, dtype: of the original array.
+    bits, group_size: the code's parameters.
+  """
+  payload: jax.Array
+  lo: jax.Array | None
+  hi: jax.Array | None
+  shape: tuple[int, ...]
+  dtype: Any
+  bits: int
+  group_size: int
+
+  def tree_flatten(self):
+    return (self.payload, self.lo, self.hi), (self.shape, self.dtype, self.bits, self.group_size)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def nbytes(self) -> int:
+    """True bytes held: the packed payload plus the per-group metadata."""
+    return sum(int(leaf.size) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in (self.payload, self.lo, self.hi) if leaf is not None)
+
+  @property
+  def layout(self) -> Layout:
+    return Layout.of(self.shape, self.group_size)
+
+  def __repr__(self) -> str:
+    return (f"QuantizedArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, bits={self.bits}, "
+            f"group_size={self.group_size}, nbytes={self.nbytes})")
+
+
+# Rounding of the metadata to bfloat16 in a chosen direction, so that the stored grid always
+# covers the group: lo rounds down and hi rounds up.
+def _bf16_toward(value: jax.Array, direction: float) -> jax.Array:
+  rounded = value.astype(jnp.float32).astype(jnp.bfloat16)
+  back = rounded.astype(value.dtype)
+  wrong_side = back > value if direction < 0 else back < value
+  return jnp.where(wrong_side, jnp.nextafter(rounded, jnp.bfloat16(direction * jnp.inf)), rounded)
+
+
+def _compute_dtype(dtype) -> np.dtype:
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _pack(codes: jax.Array, bits: int) -> jax.Array:
+  """uint8 codes (..., n) each < 2**bits -> (..., n * bits // 8) bytes, low bits first."""
+  if bits == 8:
+    return codes
+  per_byte = 8 // bits
+  codes = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // per_byte, per_byte))
+  shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)
+  return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint8)  # disjoint bits: sum == or
+
+
+def _unpack(payload: jax.Array, bits: int) -> jax.Array:
+  if bits == 8:
+    return payload
+  shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)
+  codes = (payload[..., None] >> shifts) & jnp.uint8(2**bits - 1)
+  return codes.reshape(payload.shape[:-1] + (payload.shape[-1] * (8 // bits),))
+
+
+def _value_bytes(values: jax.Array, width: int) -> jax.Array:
+  """Per-group exact values -> (..., width) bytes: their bit pattern, zero-padded."""
+  raw = jax.lax.bitcast_convert_type(values, jnp.uint8)
+  return jnp.pad(raw, [(0, 0)] * values.ndim + [(0, width - raw.shape[-1])])
+
+
+def _bytes_value(payload: jax.Array, dtype) -> jax.Array:
+  itemsize = jnp.dtype(dtype).itemsize
+  return jax.lax.bitcast_convert_type(payload[..., :itemsize], dtype)
+
+
+def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str = "stochastic",
+             seed: int | jax.Array = 0) -> QuantizedArray:
+  """Compresses a float array to `bits` per value.
+
+  Args:
+    x: float16, bfloat16, float32 or float64 array of any shape.
+    bits: 1, 2, 4 or 8 (quantised and packed), 16 (stored as bfloat16) or 32 (kept as is).
+    group_size: elements sharing one (lo, hi) pair; a positive multiple of 64.
+    rounding: "stochastic" (unbiased: the expected decoded value is x) or "nearest" (half the
+      error, biased).
+    seed: int or uint32 scalar (may be traced) selecting the stochastic rounding noise. The same
+      seed and input give bitwise identical codes; different seeds give independent noise.
+
+  Returns:
+    A `QuantizedArray` whose `nbytes` is `n * bits / 8` plus 4 bytes per group.
+  """
+  x = jnp.asarray(x)
+  dtype = check_float_dtype(x.dtype)
+  bits = check_bits(bits)
+  group_size = check_group_size(group_size)
+  rounding = check_rounding(rounding)
+  shape = tuple(x.shape)
+  if bits == 32:
+    return QuantizedArray(x, None, None, shape, dtype, bits, group_size)
+  if bits == 16:
+    return QuantizedArray(x.astype(jnp.bfloat16), None, None, shape, dtype, bits, group_size)
+
+  layout = Layout.of(shape, group_size)
+  compute = _compute_dtype(dtype)
+  groups = layout.to_groups(x)
+  values = groups.astype(compute)
+  levels = 2**bits - 1
+  lo_exact = jnp.min(values, axis=-1)
+  hi_exact = jnp.max(values, axis=-1)
+  constant = lo_exact == hi_exact  # False for NaN groups
+  lo = _bf16_toward(lo_exact, -1.0)
+  hi = jnp.where(constant, lo, _bf16_toward(hi_exact, +1.0))
+  scale = levels / jnp.maximum(hi.astype(compute) - lo.astype(compute), compute.type(MIN_RANGE))
+  scaled = (values - lo.astype(compute)[..., None]) * scale[..., None]
+  if rounding == "stochastic":
+    index = jnp.arange(layout.num_groups * group_size, dtype=jnp.uint32).reshape(groups.shape)
+    noise = hashing.uniform(hashing.seed_key(seed), index, hashing.value_bits(groups), compute.type)
+  else:
+    noise = compute.type(0.5)
+  codes = jnp.clip(jnp.floor(scaled + noise), 0, levels).astype(jnp.uint8)
+  payload = _pack(codes, bits)
+  payload = jnp.where(constant[..., None], _value_bytes(hi_exact.astype(dtype), payload.shape[-1]), payload)
+  return QuantizedArray(payload, lo, hi, shape, dtype, bits, group_size)
+
+
+def dequantize(q: QuantizedArray) -> jax.Array:
+  """Restores an array of `q.shape` and `q.dtype` from a `QuantizedArray`.
+
+  Leading axes that the leaves carry beyond the stored layout (from `vmap` over `quantize`) are
+  treated as batch axes and kept in front.
+  """
+  if not isinstance(q, QuantizedArray):
+    raise TypeError(f"dequantize expects a jact.QuantizedArray, got {type(q).__name__}.")
+  if q.bits == 32:
+    return q.payload
+  if q.bits == 16:
+    return q.payload.astype(q.dtype)
+  layout = q.layout
+  compute = _compute_dtype(q.dtype)
+  codes = _unpack(q.payload, q.bits).astype(compute)
+  lo = q.lo.astype(compute)[..., None]
+  hi = q.hi.astype(compute)[..., None]
+  values = lo + codes * ((hi - lo) / (2**q.bits - 1))
+  exact = _bytes_value(q.payload, q.dtype).astype(compute)[..., None]
+  return layout.from_groups(jnp.where(lo == hi, exact, values).astype(q.dtype))

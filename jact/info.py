@@ -1,0 +1,102 @@
+"""ResidualInfo: what jact knows about one residual, and the table that lists them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from jact import codec
+
+# Where a residual comes from. Only "activation" and "input" residuals are ever compressed.
+ACTIVATION = "activation"  # computed inside the wrapped function from its compressible inputs
+INPUT = "input"            # one of the wrapped function's own arguments
+PARAMETER = "parameter"    # an argument in keep_argnums, a closed-over value, or computed from those only
+CONSTANT = "constant"      # depends on no argument at all (XLA rebuilds it for free)
+SOURCES = (ACTIVATION, INPUT, PARAMETER, CONSTANT)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualInfo:
+  """One value that the forward pass hands to the backward pass.
+
+  Attributes:
+    name: stable, readable name: `<scope>/<label>`, where the scope is the wrapped function's name
+      (or the Flax module path) and the label is the argument's name or the primitive that
+      produced the value, numbered per primitive (`dot_general0`, `tanh1`).
+    shape, dtype: of the full-precision residual.
+    source: one of `SOURCES`.
+    is_argument: the residual is one of the wrapped function's inputs (identity, not a copy).
+    primitive: the primitive that produced it (None for arguments).
+    bits: the stored width (32: kept as is).
+    group_size: the codec's group size.
+    kept_because: why it is not compressed, when the policy was not asked ("" otherwise).
+  """
+  name: str
+  shape: tuple[int, ...]
+  dtype: Any
+  source: str
+  is_argument: bool = False
+  primitive: str | None = None
+  bits: int = 32
+  group_size: int = 256
+  kept_because: str = ""
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the full-precision residual."""
+    return self.size * np.dtype(self.dtype).itemsize
+
+  @property
+  def stored_nbytes(self) -> int:
+    """Bytes jact stores for it at `bits` (payload plus per-group metadata)."""
+    return codec.stored_nbytes(self.shape, self.dtype, self.bits, self.group_size)
+
+  @property
+  def compressed(self) -> bool:
+    return self.bits != 32
+
+
+def format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1024
+  raise AssertionError("unreachable")
+
+
+class ResidualTable(list):
+  """A list of ResidualInfo that prints as a table, with totals."""
+
+  @property
+  def nbytes(self) -> int:
+    return sum(r.nbytes for r in self)
+
+  @property
+  def stored_nbytes(self) -> int:
+    return sum(r.stored_nbytes for r in self)
+
+  def activation_nbytes(self, stored: bool = False) -> int:
+    """Bytes of compressible residuals (activations and inputs), full or as stored."""
+    return sum(r.stored_nbytes if stored else r.nbytes for r in self if r.source in (ACTIVATION, INPUT))
+
+  def __str__(self) -> str:
+    header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")
+    rows = [(r.name, "x".join(map(str, r.shape)) or "()", np.dtype(r.dtype).name,
+             r.source + (f" ({r.kept_because})" if r.kept_because else ""), str(r.bits),
+             format_bytes(r.nbytes), format_bytes(r.stored_nbytes)) for r in self]
+    ratio = self.nbytes / self.stored_nbytes if self.stored_nbytes else float("nan")
+    rows.append(("total", "", "", f"{len(self)} residuals", "", format_bytes(self.nbytes),
+                 f"{format_bytes(self.stored_nbytes)} ({ratio:.1f}x less)"))
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+  def __repr__(self) -> str:
+    return f"ResidualTable({len(self)} residuals, {format_bytes(self.nbytes)} -> {format_bytes(self.stored_nbytes)})"

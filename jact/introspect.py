@@ -1,0 +1,1 @@
+"""`jact.residuals`: which residuals a differentiated function stores, at which width."""

@@ -1,0 +1,478 @@
+"""`remat_compress`: store a function's autodiff residuals compressed.
+
+How it works. The wrapped function becomes a `jax.custom_vjp`. Its forward rule evaluates the
+forward jaxpr of `jax.vjp(f)`, whose extra outputs are exactly the residuals (every primitive's
+saved values, with no per-op code), and stores each one at the width its policy chooses. Its
+backward rule evaluates the backward jaxpr of the same `jax.vjp` on the restored residuals.
+
+Compressing a residual saves memory only if its full-precision buffer dies early, and XLA, not
+Python, decides buffer lifetimes. So jact interprets both jaxprs itself and orders the codec with
+`lax.optimization_barrier`:
+
+* forward: a residual is quantised right after its last forward use, and the next equation's
+  inputs pass through a barrier together with the codes, so no later forward work can start while
+  the full-precision residual is still alive;
+* backward: the codes of a residual pass through a barrier together with the cotangent inputs of
+  the first equation that needs it, and are dequantised after it, so XLA cannot restore every
+  residual of the network at the start of the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex
+
+from jact import _jaxpr, codec, hashing, info as info_lib, policies
+from jact.info import ResidualInfo
+
+DEFAULT_GROUP_SIZE = 256
+DEFAULT_MIN_SIZE = 4096
+_KEEP, _COMPRESSIBLE = "keep", "compressible"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  policy: Any
+  group_size: int
+  min_size: int
+  rounding: str
+
+
+# --- residual analysis -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Residual:
+  """One distinct residual of a traced call: where it lives in the forward jaxpr, how it is stored."""
+  atom: Any  # a jaxpr Var or Literal of the forward jaxpr
+  info: ResidualInfo
+  ready_after: int  # forward equation index after which it can be quantised (-1: at the start)
+
+  @property
+  def compressed(self) -> bool:
+    return self.info.bits != 32 and not _jaxpr.is_literal(self.atom)
+
+
+@dataclasses.dataclass(eq=False)
+class _Plan:
+  """The forward and backward jaxprs of one traced call and what to do with each residual."""
+  fwd: Any  # ClosedJaxpr: inputs -> outputs + residual leaves
+  bwd: Any  # ClosedJaxpr: residual leaves + cotangents -> input cotangents
+  num_outs: int
+  residuals: list[_Residual]  # distinct residuals
+  leaf_ids: list[int]  # residual leaf position -> index into `residuals`
+
+  @property
+  def infos(self) -> list[ResidualInfo]:
+    return [r.info for r in self.residuals]
+
+
+def _tangent_aval(aval) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(aval.shape, jex.primal_dtype_to_tangent_dtype(aval.dtype))
+
+
+def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], labels: Sequence[str],
+                scope: str, config: _Config) -> _Plan:
+  vjp_tree = []
+
+  def forward_with_residuals(*xs):
+    outs, vjp_fn = jax.vjp(pure, *xs)
+    leaves, tree = jax.tree.flatten(vjp_fn)
+    vjp_tree.append(tree)
+    return outs, leaves
+
+  fwd = jax.make_jaxpr(forward_with_residuals)(*inputs)
+  num_res = vjp_tree[0].num_leaves
+  out_avals, res_avals = fwd.out_avals[:-num_res or None], fwd.out_avals[len(fwd.out_avals) - num_res:]
+  num_outs = len(out_avals)
+  bwd = jax.make_jaxpr(lambda res, cts: jax.tree.unflatten(vjp_tree[0], res)(cts))(
+      [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in res_avals],
+      [_tangent_aval(a) for a in out_avals])
+  residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config)
+  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids)
+
+
+def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str], scope: str,
+              config: _Config) -> tuple[list[_Residual], list[int]]:
+  deps = _jaxpr.dependence(jaxpr, [frozenset({k}) for k in kinds])
+  producer_index = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
+  producers = _jaxpr.producers(jaxpr)
+  last_use = _jaxpr.last_uses(jaxpr)
+  invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
+  counters: dict[tuple[str, str], int] = {}
+  residuals: list[_Residual] = []
+  seen: dict[Any, int] = {}
+  leaf_ids = []
+  for atom in jaxpr.outvars[num_outs:]:
+    if not _jaxpr.is_literal(atom) and atom in seen:  # the same array saved twice: stored once
+      leaf_ids.append(seen[atom])
+      continue
+    aval = atom.aval
+    primitive, is_argument = None, False
+    if _jaxpr.is_literal(atom):
+      source, label = info_lib.CONSTANT, "literal"
+    elif atom in invar_index:
+      i = invar_index[atom]
+      is_argument, label = True, labels[i]
+      source = info_lib.PARAMETER if kinds[i] == _KEEP else info_lib.INPUT
+    else:
+      eqn = producers.get(atom)
+      primitive = eqn.primitive.name if eqn is not None else None
+      path = "/".join(_jaxpr.scope_names(eqn) + [primitive]) if eqn is not None else "const"
+      count = counters.get((path, "n"), 0)
+      counters[(path, "n")] = count + 1
+      label = f"{path}{count}"
+      tags = deps.get(atom, frozenset())
+      source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags
+                else info_lib.PARAMETER if tags else info_lib.CONSTANT)
+    info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=np.dtype(aval.dtype),
+                        source=source, is_argument=is_argument, primitive=primitive,
+                        group_size=config.group_size)
+    info = _choose_bits(info, config)
+    ready = -1 if _jaxpr.is_literal(atom) else max(producer_index.get(atom, -1), last_use.get(atom, -1))
+    seen[atom] = len(residuals)
+    leaf_ids.append(len(residuals))
+    residuals.append(_Residual(atom, info, ready))
+  return residuals, leaf_ids
+
+
+def _choose_bits(info: ResidualInfo, config: _Config) -> ResidualInfo:
+  if info.source in (info_lib.PARAMETER, info_lib.CONSTANT):
+    return dataclasses.replace(info, kept_because=info.source)
+  if not jnp.issubdtype(info.dtype, jnp.floating):
+    return dataclasses.replace(info, kept_because="not floating point")
+  if info.size < config.min_size:
+    return dataclasses.replace(info, kept_because=f"< min_size={config.min_size}")
+  bits = config.policy(info)
+  try:
+    bits = codec.check_bits(bits, what="bits")
+  except ValueError:
+    raise ValueError(f"the policy {config.policy!r} returned bits={bits!r} for residual {info.name!r}; "
+                     f"a policy must return one of {codec.SUPPORTED_BITS} or None.") from None
+  return dataclasses.replace(info, bits=bits)
+
+
+# --- forward and backward evaluation -------------------------------------------------------------
+
+def _residual_seed(seed: jax.Array, index: int) -> jax.Array:
+  return hashing.fmix32(seed ^ np.uint32((index + 1) * 0x9E3779B9 % 2**32))
+
+
+def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any]):
+  jaxpr = plan.fwd.jaxpr
+  env = _jaxpr.bind_inputs(jaxpr, plan.fwd.consts, inputs)
+  ready: dict[int, list[int]] = {}
+  for uid, r in enumerate(plan.residuals):
+    if r.compressed:
+      ready.setdefault(r.ready_after, []).append(uid)
+  stored: list[Any] = [None] * len(plan.residuals)
+  pending: list[tuple[int, codec.QuantizedArray]] = []
+
+  def quantize_ready(index: int):
+    for uid in ready.get(index, ()):
+      r = plan.residuals[uid]
+      pending.append((uid, codec.quantize(env.read(r.atom), r.info.bits, config.group_size,
+                                          config.rounding, seed=_residual_seed(seed, uid))))
+
+  def tie(values: list[Any]) -> list[Any]:
+    """Makes `values` available only after every pending quantisation is done."""
+    values, codes = jax.lax.optimization_barrier((values, [q for _, q in pending]))
+    for (uid, _), q in zip(pending, codes):
+      stored[uid] = q
+    pending.clear()
+    return values
+
+  quantize_ready(-1)
+  for i, eqn in enumerate(jaxpr.eqns):
+    invals = [env.read(v) for v in eqn.invars]
+    dynamic = [k for k, v in enumerate(eqn.invars) if not _jaxpr.is_literal(v)]
+    if pending and dynamic:
+      for k, value in zip(dynamic, tie([invals[k] for k in dynamic])):
+        invals[k] = value
+    for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, invals)):
+      env.write(var, value)
+    quantize_ready(i)
+  outs = [env.read(v) for v in jaxpr.outvars[:plan.num_outs]]
+  if pending:
+    outs = tie(outs)
+  for uid, r in enumerate(plan.residuals):
+    if not r.compressed and not _jaxpr.is_literal(r.atom):
+      stored[uid] = env.read(r.atom)
+  return outs, stored
+
+
+def _run_backward(plan: _Plan, stored: Sequence[Any], cts: Sequence[Any]):
+  jaxpr = plan.bwd.jaxpr
+  num_res = len(plan.leaf_ids)
+  env = _jaxpr.bind_inputs(jaxpr, plan.bwd.consts, [None] * num_res + list(cts))
+  vars_of: dict[int, list[Any]] = {}
+  for var, uid in zip(jaxpr.invars[:num_res], plan.leaf_ids):
+    vars_of.setdefault(uid, []).append(var)
+  uid_of = {var: uid for uid, vs in vars_of.items() for var in vs}
+
+  def restore(uid: int, value: Any):
+    for var in vars_of[uid]:
+      env.write(var, value)
+
+  waiting = set()
+  for uid, r in enumerate(plan.residuals):
+    if r.compressed:
+      waiting.add(uid)
+    else:
+      restore(uid, r.atom.val if _jaxpr.is_literal(r.atom) else stored[uid])
+  fallback_tie = [c for c in cts if jnp.issubdtype(jnp.result_type(c), jnp.inexact)]
+
+  def restore_for(atoms: Sequence[Any], invals: list[Any] | None):
+    need = sorted({uid_of[v] for v in atoms if not _jaxpr.is_literal(v) and uid_of.get(v) in waiting})
+    if not need:
+      return
+    tie_positions = [k for k, v in enumerate(atoms) if not _jaxpr.is_literal(v) and v not in uid_of]
+    tie_values = [invals[k] for k in tie_positions] if invals is not None and tie_positions else fallback_tie
+    codes, tied = jax.lax.optimization_barrier(([stored[u] for u in need], tie_values))
+    if invals is not None and tie_positions:
+      for k, value in zip(tie_positions, tied):
+        invals[k] = value
+    for uid, q in zip(need, codes):
+      restore(uid, codec.dequantize(q))
+      waiting.discard(uid)
+
+  for eqn in jaxpr.eqns:
+    invals = [None if (not _jaxpr.is_literal(v) and uid_of.get(v) in waiting) else env.read(v)
+              for v in eqn.invars]
+    restore_for(eqn.invars, invals)
+    invals = [env.read(v) if value is None else value for v, value in zip(eqn.invars, invals)]
+    for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, invals)):
+      env.write(var, value)
+  restore_for(jaxpr.outvars, None)
+  return [env.read(v) for v in jaxpr.outvars]
+
+
+@jax.tree_util.register_pytree_node_class
+class _Stored:
+  """The custom_vjp residuals: the stored arrays, with the plan that made them as static data."""
+
+  def __init__(self, arrays, plan):
+    self.arrays, self.plan = arrays, plan
+
+  def tree_flatten(self):
+    return (self.arrays,), self.plan
+
+  @classmethod
+  def tree_unflatten(cls, plan, children):
+    return cls(children[0], plan)
+
+
+# --- the public transform ------------------------------------------------------------------------
+
+_collector = threading.local()
+
+
+def _collecting() -> list | None:
+  return getattr(_collector, "regions", None)
+
+
+def _make_core(fun_jaxpr, num_consts: int, kinds, labels, scope: str, config: _Config):
+  plans: dict[tuple, _Plan] = {}
+
+  def pure(*inputs):
+    return _jaxpr.eval_jaxpr(fun_jaxpr, inputs[:num_consts], *inputs[num_consts:])
+
+  def plan_for(inputs) -> _Plan:
+    key = tuple((jnp.shape(x), jnp.result_type(x)) for x in inputs)
+    if key not in plans:
+      plans[key] = _build_plan(pure, inputs, kinds, labels, scope, config)
+    return plans[key]
+
+  @jax.custom_vjp
+  def core(seed, *inputs):
+    return pure(*inputs)
+
+  def core_fwd(seed, *inputs):
+    plan = plan_for(inputs)
+    regions = _collecting()
+    if regions is not None:
+      regions.append(info_lib.ResidualTable(plan.infos))
+    outs, stored = _run_forward(plan, config, seed, inputs)
+    return outs, _Stored(stored, plan)
+
+  def core_bwd(res, cts):
+    grads = _run_backward(res.plan, res.arrays, list(cts))
+    return (np.zeros((), jax.dtypes.float0), *grads)
+
+  core.defvjp(core_fwd, core_bwd)
+  return core
+
+
+def _seed_from(rng) -> jax.Array:
+  if rng is None:
+    return jnp.uint32(0)
+  if isinstance(rng, (int, np.integer)):
+    return jnp.uint32(rng)
+  rng = jnp.asarray(rng) if not hasattr(rng, "dtype") else rng
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  if not jnp.issubdtype(rng.dtype, jnp.integer):
+    raise TypeError(f"rng must be a jax.random key, raw uint32 key data or an int; got dtype {rng.dtype}.")
+  seed = jnp.uint32(0)
+  for word in rng.astype(jnp.uint32).reshape(-1):
+    seed = hashing.fmix32(seed ^ word)
+  return seed
+
+
+def _arg_names(fun: Callable, num_args: int) -> list[str]:
+  try:
+    params = list(inspect.signature(fun).parameters.values())
+  except (TypeError, ValueError):
+    params = []
+  names = []
+  for i in range(num_args):
+    if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY, params[i].POSITIONAL_OR_KEYWORD):
+      names.append(params[i].name)
+    else:
+      names.append(f"arg{i}")
+  return names
+
+
+def _key_label(entry) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _check_argnums(argnums, what: str) -> tuple[int, ...]:
+  argnums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  for a in argnums:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a < 0:
+      raise ValueError(f"{what} must be non-negative ints, got {argnums!r}.")
+  return tuple(int(a) for a in argnums)
+
+
+def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2, *,
+                   keep_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
+                   group_size: int = DEFAULT_GROUP_SIZE, min_size: int = DEFAULT_MIN_SIZE,
+                   rounding: str = "stochastic", name: str | None = None) -> Callable:
+  """Makes `fun` store its autodiff residuals compressed, like `jax.checkpoint` makes it recompute them.
+
+  `remat_compress(f)(*args)` computes the same value as `f(*args)`. When it is differentiated in
+  reverse mode (`jax.grad`, `jax.vjp`, ...), every residual that the forward pass of `f` hands to
+  its backward pass -- the values autodiff keeps alive between the two -- is stored quantised to
+  `bits` per value (per-group scale, stochastic rounding by default, so gradients stay unbiased)
+  and restored just before the backward pass needs it. There is no per-operation code: whatever
+  primitives `f` uses, their residuals are covered.
+
+  What is never compressed: arguments listed in `keep_argnums` (parameters: they are alive anyway),
+  values `f` closes over, values computed from those alone, constants, non-float residuals, and
+  residuals with fewer than `min_size` elements.
+
+  Example::
+
+    def layer(x, w):
+      return jax.nn.gelu(x @ w)
+
+    layer = jact.remat_compress(layer, bits=2, keep_argnums=(1,))
+    loss = lambda w, x: jnp.sum(layer(x, w) ** 2)
+    grads = jax.grad(loss)(w, x)          # residuals of `layer` stored at 2 bits
+    print(jact.residuals(loss, w, x))     # which residuals, at which width, how many bytes
+
+  Costs: one quantise pass over each residual in the forward pass and one dequantise pass in the
+  backward pass, no recomputation. Memory: a residual at b bits takes b/32 of its float32 bytes
+  plus 4 bytes per group. Wrap each layer (or block) separately: memory falls when the
+  full-precision residuals of one wrapped call die before the next call runs.
+
+  Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. Forward-mode
+  differentiation (`jvp`, `jacfwd`, `hessian`) is not supported and raises a TypeError.
+
+  Args:
+    fun: the function to wrap; its arguments and outputs may be pytrees of arrays.
+    bits: an int (1, 2, 4, 8, 16, 32; None means 32) or a policy (`jact.policies`), which chooses a
+      width per residual from its `jact.ResidualInfo`.
+    keep_argnums: positional arguments never compressed (parameters).
+    static_argnums: positional arguments that are not arrays (flags, modules), passed as they are.
+    group_size: elements sharing one scale; a positive multiple of 64.
+    min_size: residuals with fewer elements are kept as they are.
+    rounding: "stochastic" (unbiased) or "nearest".
+    name: the scope of residual names (default: `fun.__name__`).
+
+  Returns:
+    A function with the signature of `fun` plus an optional keyword argument `rng` (a
+    `jax.random` key or an int) that selects the rounding noise. Without `rng` the noise is a
+    hash of each residual's own values: the same inputs give bitwise the same gradients, and new
+    inputs get new noise.
+  """
+  if fun is None:
+    return functools.partial(remat_compress, bits=bits, keep_argnums=keep_argnums,
+                             static_argnums=static_argnums, group_size=group_size, min_size=min_size,
+                             rounding=rounding, name=name)
+  if not callable(fun):
+    raise TypeError(f"remat_compress expects a callable, got {type(fun).__name__}.")
+  keep_argnums = _check_argnums(keep_argnums, "keep_argnums")
+  static_argnums = _check_argnums(static_argnums, "static_argnums")
+  if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+    raise ValueError(f"min_size={min_size!r} must be a non-negative int (a number of elements).")
+  config = _Config(policies.resolve(bits), codec.check_group_size(group_size), int(min_size),
+                   codec.check_rounding(rounding))
+  base_scope = name or getattr(fun, "__name__", type(fun).__name__)
+
+  @functools.wraps(fun)
+  def wrapped(*args, rng=None, **kwargs):
+    for a in static_argnums + keep_argnums:
+      if a >= len(args):
+        raise ValueError(f"argnum {a} in keep_argnums/static_argnums of {base_scope!r}, but it was "
+                         f"called with {len(args)} positional arguments.")
+    names = _arg_names(fun, len(args))
+    dynamic = [i for i in range(len(args)) if i not in static_argnums]
+    path_leaves, in_tree = jax.tree_util.tree_flatten_with_path(
+        ([args[i] for i in dynamic], kwargs))
+    leaves = [leaf for _, leaf in path_leaves]
+    kinds, labels = [], []
+    for path, leaf in path_leaves:
+      if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+        raise TypeError(f"{base_scope}: argument {jax.tree_util.keystr(path)} is a "
+                        f"{type(leaf).__name__}, not an array; pass non-array arguments through "
+                        "static_argnums.")
+      top = path[0].idx if hasattr(path[0], "idx") else 1
+      if top == 0:  # a positional argument
+        position = dynamic[path[1].idx]
+        label = "/".join([names[position]] + [_key_label(p) for p in path[2:]])
+        kinds.append(_KEEP if position in keep_argnums else _COMPRESSIBLE)
+      else:
+        label = "/".join(_key_label(p) for p in path[1:])
+        kinds.append(_COMPRESSIBLE)
+      labels.append(label)
+    out_tree = []
+
+    def flat_fun(*leaves):
+      dyn, kw = jax.tree.unflatten(in_tree, leaves)
+      full = list(args)
+      for i, value in zip(dynamic, dyn):
+        full[i] = value
+      outs, tree = jax.tree.flatten(fun(*full, **kw))
+      out_tree.append(tree)
+      return outs
+
+    fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
+    consts = list(fun_jaxpr.consts)
+    scope = "/".join(_jaxpr.current_scope() + [base_scope])
+    core = _make_core(fun_jaxpr.jaxpr, len(consts), [_KEEP] * len(consts) + kinds,
+                      [f"closure{i}" for i in range(len(consts))] + labels, scope, config)
+    try:
+      outs = core(_seed_from(rng), *consts, *leaves)
+    except TypeError as e:
+      if "forward-mode" in str(e):
+        raise TypeError(
+            f"{base_scope}: jact.remat_compress supports reverse-mode differentiation only (grad, "
+            "vjp, value_and_grad). Forward mode (jvp, jacfwd, hessian, linearize) would need the "
+            "full-precision residuals that jact does not keep; differentiate the uncompressed "
+            "function in forward mode instead.") from e
+      raise
+    return jax.tree.unflatten(out_tree[0], outs)
+
+  return wrapped
