@@ -8,7 +8,7 @@ stochastic rounding) and restores them in the backward pass, as composable funct
 from jact import memory, policies
 from jact.codec import QuantizedArray, dequantize, quantize
 from jact.info import ResidualInfo, ResidualTable
-# from jact.introspect import residuals
+from jact.introspect import residuals
 from jact.transform import remat_compress
 
 __version__ = "0.1.0"

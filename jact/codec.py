@@ -31,6 +31,7 @@ non-finite activation keeps the gradient non-finite, as it would be without comp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -264,8 +265,15 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
     return QuantizedArray(x, None, None, shape, dtype, bits, group_size)
   if bits == 16:
     return QuantizedArray(x.astype(jnp.bfloat16), None, None, shape, dtype, bits, group_size)
+  payload, lo, hi = _quantize_packed(x, jnp.asarray(seed, jnp.uint32), bits, group_size, rounding)
+  return QuantizedArray(payload, lo, hi, shape, dtype, bits, group_size)
 
-  layout = Layout.of(shape, group_size)
+
+# Jitted so that the many same-shaped residuals of a deep network share one trace and lowering.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _quantize_packed(x: jax.Array, seed: jax.Array, bits: int, group_size: int, rounding: str):
+  dtype = x.dtype
+  layout = Layout.of(x.shape, group_size)
   compute = _compute_dtype(dtype)
   groups = layout.to_groups(x)
   values = groups.astype(compute)
@@ -284,8 +292,9 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
     noise = compute.type(0.5)
   codes = jnp.clip(jnp.floor(scaled + noise), 0, levels).astype(jnp.uint8)
   payload = _pack(codes, bits)
-  payload = jnp.where(constant[..., None], _value_bytes(hi_exact.astype(dtype), payload.shape[-1]), payload)
-  return QuantizedArray(payload, lo, hi, shape, dtype, bits, group_size)
+  # The first element's bits, not a computed value: exact even for subnormals that arithmetic flushes.
+  payload = jnp.where(constant[..., None], _value_bytes(groups[..., 0], payload.shape[-1]), payload)
+  return payload, lo, hi
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
@@ -300,11 +309,16 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     return q.payload
   if q.bits == 16:
     return q.payload.astype(q.dtype)
-  layout = q.layout
-  compute = _compute_dtype(q.dtype)
-  codes = _unpack(q.payload, q.bits).astype(compute)
-  lo = q.lo.astype(compute)[..., None]
-  hi = q.hi.astype(compute)[..., None]
-  values = lo + codes * ((hi - lo) / (2**q.bits - 1))
-  exact = _bytes_value(q.payload, q.dtype).astype(compute)[..., None]
-  return layout.from_groups(jnp.where(lo == hi, exact, values).astype(q.dtype))
+  return _dequantize_packed(q.payload, q.lo, q.hi, q.shape, jnp.dtype(q.dtype), q.bits, q.group_size)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _dequantize_packed(payload, lo, hi, shape, dtype, bits: int, group_size: int) -> jax.Array:
+  layout = Layout.of(shape, group_size)
+  compute = _compute_dtype(dtype)
+  codes = _unpack(payload, bits).astype(compute)
+  lo = lo.astype(compute)[..., None]
+  hi = hi.astype(compute)[..., None]
+  values = lo + codes * ((hi - lo) / (2**bits - 1))
+  exact = _bytes_value(payload, dtype).astype(compute)[..., None]
+  return layout.from_groups(jnp.where(lo == hi, exact, values).astype(dtype))

@@ -89,7 +89,7 @@ class ResidualTable(list):
   def __str__(self) -> str:
     header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")
     rows = [(r.name, "x".join(map(str, r.shape)) or "()", np.dtype(r.dtype).name,
-             r.source + (f" ({r.kept_because})" if r.kept_because else ""), str(r.bits),
+             r.source + (f" ({r.kept_because})" if r.kept_because not in ("", r.source) else ""), str(r.bits),
              format_bytes(r.nbytes), format_bytes(r.stored_nbytes)) for r in self]
     ratio = self.nbytes / self.stored_nbytes if self.stored_nbytes else float("nan")
     rows.append(("total", "", "", f"{len(self)} residuals", "", format_bytes(self.nbytes),

@@ -19,6 +19,7 @@ Python, decides buffer lifetimes. So jact interprets both jaxprs itself and orde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -28,9 +29,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as jex
 
-from jact import _jaxpr, codec, hashing, info as info_lib, policies
+from jact import _chains, _jaxpr, codec, hashing, info as info_lib, policies
 from jact.info import ResidualInfo
 
 DEFAULT_GROUP_SIZE = 256
@@ -74,6 +76,17 @@ class _Plan:
     return [r.info for r in self.residuals]
 
 
+def full_precision_config() -> _Config:
+  """A configuration that keeps every residual: for describing plain functions."""
+  return _Config(policies.uniform(32), DEFAULT_GROUP_SIZE, 0, "stochastic")
+
+
+def analyse(fun: Callable, leaves: Sequence[Any], labels: Sequence[str], scope: str,
+            config: _Config) -> "_Plan":
+  """The residual plan of `fun(*leaves)` (all leaves compressible), without running anything."""
+  return _build_plan(fun, leaves, [_COMPRESSIBLE] * len(leaves), labels, scope, config)
+
+
 def _tangent_aval(aval) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(aval.shape, jex.primal_dtype_to_tangent_dtype(aval.dtype))
 
@@ -106,7 +119,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
   producers = _jaxpr.producers(jaxpr)
   last_use = _jaxpr.last_uses(jaxpr)
   invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
-  counters: dict[tuple[str, str], int] = {}
+  counters: dict[str, int] = {}
   residuals: list[_Residual] = []
   seen: dict[Any, int] = {}
   leaf_ids = []
@@ -125,9 +138,12 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     else:
       eqn = producers.get(atom)
       primitive = eqn.primitive.name if eqn is not None else None
-      path = "/".join(_jaxpr.scope_names(eqn) + [primitive]) if eqn is not None else "const"
-      count = counters.get((path, "n"), 0)
-      counters[(path, "n")] = count + 1
+      scopes = _jaxpr.scope_names(eqn) if eqn is not None else []
+      # A rewritten elementwise chain stores its derivative (see _chains).
+      kind = "derivative" if scopes and _chains.is_chain_scope(scopes[-1]) else primitive or "const"
+      path = "/".join(scopes + [kind])
+      count = counters.get(path, 0)
+      counters[path] = count + 1
       label = f"{path}{count}"
       tags = deps.get(atom, frozenset())
       source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags
@@ -136,8 +152,11 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
                         source=source, is_argument=is_argument, primitive=primitive,
                         group_size=config.group_size)
     info = _choose_bits(info, config)
-    ready = -1 if _jaxpr.is_literal(atom) else max(producer_index.get(atom, -1), last_use.get(atom, -1))
-    seen[atom] = len(residuals)
+    if _jaxpr.is_literal(atom):
+      ready = -1
+    else:
+      ready = max(producer_index.get(atom, -1), last_use.get(atom, -1))
+      seen[atom] = len(residuals)
     leaf_ids.append(len(residuals))
     residuals.append(_Residual(atom, info, ready))
   return residuals, leaf_ids
@@ -162,7 +181,8 @@ def _choose_bits(info: ResidualInfo, config: _Config) -> ResidualInfo:
 # --- forward and backward evaluation -------------------------------------------------------------
 
 def _residual_seed(seed: jax.Array, index: int) -> jax.Array:
-  return hashing.fmix32(seed ^ np.uint32((index + 1) * 0x9E3779B9 % 2**32))
+  """A distinct seed per residual; `quantize` scrambles it with a bijective hash."""
+  return seed ^ np.uint32((index + 1) * 0x9E3779B9 % 2**32)
 
 
 def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any]):
@@ -272,42 +292,101 @@ class _Stored:
 # --- the public transform ------------------------------------------------------------------------
 
 _collector = threading.local()
+STORED_MARK = "jact:stored"  # checkpoint_name of stored residuals while jact.residuals collects
 
 
 def _collecting() -> list | None:
   return getattr(_collector, "regions", None)
 
 
-def _make_core(fun_jaxpr, num_consts: int, kinds, labels, scope: str, config: _Config):
-  plans: dict[tuple, _Plan] = {}
+@contextlib.contextmanager
+def collecting_regions():
+  """Within this context, each compressed call that is traced appends its residual table to the
+  yielded list, and marks what it stores with `STORED_MARK` (used by `jact.residuals`)."""
+  previous = _collecting()
+  _collector.regions = regions = []
+  try:
+    yield regions
+  finally:
+    _collector.regions = previous
 
-  def pure(*inputs):
-    return _jaxpr.eval_jaxpr(fun_jaxpr, inputs[:num_consts], *inputs[num_consts:])
 
-  def plan_for(inputs) -> _Plan:
-    key = tuple((jnp.shape(x), jnp.result_type(x)) for x in inputs)
-    if key not in plans:
-      plans[key] = _build_plan(pure, inputs, kinds, labels, scope, config)
-    return plans[key]
+class _Traced:
+  """Everything shared by calls that trace to the same function: its jaxpr, chains and plans.
 
-  @jax.custom_vjp
-  def core(seed, *inputs):
-    return pure(*inputs)
+  The custom_vjp built here closes over no tracer (constants and closed-over values arrive as
+  arguments), so an entry can serve every later call whose traced function has the same structure:
+  the 16 identical layers of a deep network are analysed once.
+  """
 
-  def core_fwd(seed, *inputs):
-    plan = plan_for(inputs)
-    regions = _collecting()
-    if regions is not None:
-      regions.append(info_lib.ResidualTable(plan.infos))
-    outs, stored = _run_forward(plan, config, seed, inputs)
-    return outs, _Stored(stored, plan)
+  def __init__(self, fun_jaxpr, num_consts: int, kinds, labels, scope: str, config: _Config):
+    self.plans: dict[tuple, _Plan] = {}
+    chains = _chains.find_chains(fun_jaxpr)
 
-  def core_bwd(res, cts):
-    grads = _run_backward(res.plan, res.arrays, list(cts))
-    return (np.zeros((), jax.dtypes.float0), *grads)
+    def pure(*inputs):
+      return _chains.eval_jaxpr(fun_jaxpr, chains, inputs[:num_consts], *inputs[num_consts:])
 
-  core.defvjp(core_fwd, core_bwd)
-  return core
+    def plan_for(inputs) -> _Plan:
+      key = tuple(jax.typeof(x) for x in inputs)
+      if key not in self.plans:
+        self.plans[key] = _build_plan(pure, inputs, kinds, labels, scope, config)
+      return self.plans[key]
+
+    @jax.custom_vjp
+    def core(seed, *inputs):
+      return pure(*inputs)
+
+    def core_fwd(seed, *inputs):
+      plan = plan_for(inputs)
+      regions = _collecting()
+      outs, stored = _run_forward(plan, config, seed, inputs)
+      if regions is not None:
+        regions.append(info_lib.ResidualTable(plan.infos))
+        stored = jax.tree.map(lambda a: checkpoint_name(a, STORED_MARK), stored)
+      return outs, _Stored(stored, plan)
+
+    def core_bwd(res, cts):
+      grads = _run_backward(res.plan, res.arrays, list(cts))
+      return (np.zeros((), jax.dtypes.float0), *grads)
+
+    core.defvjp(core_fwd, core_bwd)
+    self.core = core
+
+
+_TRACED: dict[tuple, _Traced] = {}
+_TRACED_CAPACITY = 256
+
+
+def _structure(jaxpr) -> tuple:
+  """A key equal for jaxprs that compute the same thing: their text, the name scopes of their
+  equations and the identity of any functions in their parameters (custom_jvp rules and the like)."""
+  parts: list = [str(jaxpr)]
+
+  def walk(j):
+    for eqn in j.eqns:
+      parts.append(tuple(_jaxpr.scope_names(eqn)))
+      for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          walk(inner)
+        elif callable(value):
+          parts.append(id(value))
+
+  walk(jaxpr)
+  return tuple(parts)
+
+
+def _traced_for(fun_jaxpr, num_consts: int, kinds, labels, scope: str, config: _Config) -> _Traced:
+  key = (_structure(fun_jaxpr), num_consts, tuple(kinds), tuple(labels), scope, config)
+  try:
+    entry = _TRACED.get(key)
+  except TypeError:  # an unhashable policy: no sharing
+    return _Traced(fun_jaxpr, num_consts, kinds, labels, scope, config)
+  if entry is None:
+    if len(_TRACED) >= _TRACED_CAPACITY:
+      _TRACED.pop(next(iter(_TRACED)))
+    entry = _TRACED[key] = _Traced(fun_jaxpr, num_consts, kinds, labels, scope, config)
+  return entry
 
 
 def _seed_from(rng) -> jax.Array:
@@ -461,10 +540,10 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
     fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
     consts = list(fun_jaxpr.consts)
     scope = "/".join(_jaxpr.current_scope() + [base_scope])
-    core = _make_core(fun_jaxpr.jaxpr, len(consts), [_KEEP] * len(consts) + kinds,
-                      [f"closure{i}" for i in range(len(consts))] + labels, scope, config)
+    traced = _traced_for(fun_jaxpr.jaxpr, len(consts), [_KEEP] * len(consts) + kinds,
+                         [f"closure{i}" for i in range(len(consts))] + labels, scope, config)
     try:
-      outs = core(_seed_from(rng), *consts, *leaves)
+      outs = traced.core(_seed_from(rng), *consts, *leaves)
     except TypeError as e:
       if "forward-mode" in str(e):
         raise TypeError(

@@ -1,0 +1,138 @@
+"""Flax NNX integration: compressed NNX modules and functions of NNX modules.
+
+An NNX module is stateful; `remat_compress` wants a pure function of arrays. At each call the
+modules among the arguments are split (`nnx.split`) into a graph definition, their parameters
+and their other state (batch statistics, RNG keys and counters, ...), a pure function merges them
+back, runs the call and returns the new non-parameter state, and `remat_compress` wraps that
+function with parameters and state in `keep_argnums`. The new state is written back with
+`nnx.update`, so `nnx.BatchNorm` statistics and `nnx.Dropout` RNG counters advance exactly as
+without compression, under `nnx.jit`, `nnx.grad` and `nnx.value_and_grad` alike.
+
+Module classes and instances. `compress(Block, ...)` returns a subclass named `Block` whose
+`__call__` is compressed; `compress(block, ...)` gives an existing instance that class in place
+and returns it. Either way the attributes, and so the state paths, are those of the uncompressed
+module: checkpoints load unchanged, and a parent module holding the block keeps holding it.
+
+Residual names are `<name>/<label>`, with `name` the class name unless given. NNX modules do not
+know their path in the model, so give distinct names (`name=f"blocks/{i}"`) when the residuals
+of several instances of one class must be told apart (`jact.policies.by_name`, calibration).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Sequence
+
+from flax import nnx
+
+from jact import policies
+from jact.flax import Options, method_scope, with_arg_names
+from jact.transform import DEFAULT_GROUP_SIZE, DEFAULT_MIN_SIZE
+
+
+def is_module(target: Any) -> bool:
+  """Whether `target` is a Flax NNX Module class or instance."""
+  return isinstance(target, nnx.Module) or inspect.isclass(target) and issubclass(target, nnx.Module)
+
+
+def _compress_function(fn: Callable, options: Options, name: str) -> Callable:
+  """`fn` with its residuals compressed and the NNX graph nodes among its arguments as kept state."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    node_positions = [i for i, a in enumerate(args) if isinstance(a, nnx.Pytree)]
+    positions = [i for i in range(len(args)) if i not in node_positions]
+    others = [args[i] for i in positions]
+    if not node_positions:
+      return options.wrap(fn, name=name, num_state=0, positions=positions)(*others, **kwargs)
+    nodes = tuple(args[i] for i in node_positions)
+    graphdef, params, state = nnx.split(nodes, nnx.Param, ...)
+
+    def pure(params, state, *others, **kwargs):
+      merged = nnx.merge(graphdef, params, state)
+      full = list(others)
+      for i, node in zip(node_positions, merged):
+        full.insert(i, node)
+      out = fn(*full, **kwargs)
+      _, _, new_state = nnx.split(merged, nnx.Param, ...)
+      return out, new_state
+
+    pure = with_arg_names(pure, ("params", "state"), fn, positions)
+    out, new_state = options.wrap(pure, name=name, num_state=2, positions=positions)(
+        params, state, *others, **kwargs)
+    nnx.update(nodes, new_state)
+    return out
+
+  return wrapped
+
+
+def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, *,
+                      static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
+                      min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
+                      name: str | None = None) -> Callable:
+  """`remat_compress` for a function whose positional arguments may be NNX modules.
+
+  Graph nodes among the positional arguments (any `nnx.Pytree`: modules, `nnx.Rngs`,
+  `nnx.List`) are split into parameters and other state, both kept; the other arguments are
+  compressible. State changes made by the call are written back; parameters are read, not
+  updated. A function of arrays alone is simply `remat_compress`ed.
+
+  Args:
+    fn: the function, e.g. `lambda model, x: model(x)` or a method of an NNX Module class.
+    bits, static_argnums, group_size, min_size, rounding: as in `jact.compress`.
+    name: the scope of residual names (default: `Class` or `Class.method` for a method defined
+      in a class body, else `fn.__name__`).
+
+  Returns:
+    The compressed function, same signature.
+  """
+  class_name, suffix = method_scope(fn)
+  return _compress_function(fn, Options.create(bits, static_argnums, group_size, min_size, rounding),
+                            name or (class_name + suffix if class_name else fn.__name__))
+
+
+@functools.lru_cache(maxsize=None)
+def _compressed_class(module_class: type, options: Options, name: str) -> type:
+  namespace = {"__call__": _compress_function(module_class.__call__, options, name),
+               "__module__": module_class.__module__, "__qualname__": module_class.__qualname__}
+  # NNX does not inherit pytree-ness: state it, so the subclass flattens like `module_class`.
+  return type(module_class.__name__, (module_class,), namespace,
+              pytree=module_class._pytree__is_pytree)
+
+
+def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
+             static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
+             min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
+             name: str | None = None) -> Any:
+  """Compresses the residuals of an NNX module's `__call__`.
+
+  Example::
+
+    model.blocks[3] = jact.nnx.compress(model.blocks[3], bits=2)   # or jact.compress(...)
+
+    @jact.compress(bits=4)
+    class MLP(nnx.Module): ...
+
+  Args:
+    target: an NNX Module class, or an instance (changed in place: its class becomes the
+      compressed subclass, its state and identity stay). Without it, returns a decorator.
+    bits, static_argnums, group_size, min_size, rounding: as in `jact.compress`; `self` is
+      argument 0 of `static_argnums`.
+    name: the scope of residual names (default: the class name).
+
+  Returns:
+    The compressed subclass (same name, same attributes), or the instance.
+  """
+  if target is None:
+    return functools.partial(compress, bits=bits, static_argnums=static_argnums,
+                             group_size=group_size, min_size=min_size, rounding=rounding, name=name)
+  if not is_module(target):
+    raise TypeError(f"jact.nnx.compress expects a Flax NNX Module class or instance, got {target!r}.")
+  options = Options.create(bits, static_argnums, group_size, min_size, rounding)
+  module_class = target if inspect.isclass(target) else type(target)
+  compressed_class = _compressed_class(module_class, options, name or module_class.__name__)
+  if inspect.isclass(target):
+    return compressed_class
+  target.__class__ = compressed_class
+  return target

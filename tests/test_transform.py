@@ -1,0 +1,220 @@
+"""remat_compress: exact at 32 bits, error proportional to the codec step, unbiased, composable."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jact
+
+WIDTH, BATCH, DEPTH = 128, 256, 4
+
+
+def layer(x, w):
+  return jax.nn.gelu(x @ w)
+
+
+def conv_layer(x, k):
+  y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.tanh(y) * jax.nn.sigmoid(y)
+
+
+@functools.lru_cache()
+def mlp_data():
+  key = jax.random.key(0)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (WIDTH, WIDTH)) / WIDTH**0.5 for i in range(DEPTH)]
+  return ws, jax.random.normal(key, (BATCH, WIDTH))
+
+
+def mlp_loss(f):
+  def loss(ws, x, **kw):
+    for w in ws:
+      x = f(x, w, **kw)
+    return jnp.mean(x**2)
+  return loss
+
+
+def rel_err(a, b):
+  num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return (num / sum(float(jnp.sum(y**2)) for y in jax.tree.leaves(b))) ** 0.5
+
+
+def compressed(bits, **kw):
+  return jact.remat_compress(layer, bits=bits, keep_argnums=(1,), min_size=0, **kw)
+
+
+def exact_grads():
+  ws, x = mlp_data()
+  return jax.grad(mlp_loss(layer))(ws, x)
+
+
+def test_bits32_gradients_equal_plain_grad():
+  ws, x = mlp_data()
+  g = jax.jit(jax.grad(mlp_loss(compressed(32))))(ws, x)
+  assert rel_err(g, exact_grads()) < 1e-5  # float32 reassociation only
+  kc = jax.random.normal(jax.random.key(1), (3, 3, 8, 8)) / 5
+  xc = jax.random.normal(jax.random.key(2), (4, 16, 16, 8))
+  conv_loss = lambda k, x, f: jnp.sum(f(x, k) ** 2)
+  gc = jax.grad(conv_loss)(kc, xc, jact.remat_compress(conv_layer, bits=32, keep_argnums=(1,)))
+  assert rel_err(gc, jax.grad(conv_loss)(kc, xc, conv_layer)) < 1e-5
+
+
+def stochastic_error(bits, seeds):
+  """RMS relative gradient error over seeds, and the mean gradient."""
+  ws, x = mlp_data()
+  f = compressed(bits)
+  grad = jax.jit(lambda ws, x, rng: jax.grad(mlp_loss(f))(ws, x, rng=rng))
+  gs = [grad(ws, x, jax.random.key(s)) for s in seeds]
+  g0 = exact_grads()
+  errs = [rel_err(g, g0) for g in gs]
+  return float(np.sqrt(np.mean(np.square(errs)))), gs
+
+
+def test_error_scales_with_the_codec_step():
+  """The backward pass is linear in each residual, so the gradient error is a sum of terms
+  proportional to each residual's rounding error, whose size is the codec step
+  (hi - lo) / (2**b - 1). Hence err(8 bits) / err(2 bits) = 3 / 255 up to the bfloat16 rounding
+  of the group bounds; the RMS over 4 seeds estimates each error within ~35%."""
+  err2, _ = stochastic_error(2, range(4))
+  err8, _ = stochastic_error(8, range(4))
+  predicted = err2 * 3 / 255
+  assert 0.5 * predicted < err8 < 1.5 * predicted, (err2, err8, predicted)
+  assert err8 < 0.02
+
+
+def test_bits2_is_unbiased():
+  """With independent seeds the mean of K gradients approaches the exact one like 1/sqrt(K)."""
+  err1, gs = stochastic_error(2, range(64))
+  g0 = exact_grads()
+  for k in (4, 64):
+    mean = jax.tree.map(lambda *g: sum(g) / k, *gs[:k])
+    # Errors of K independent draws average down by sqrt(K); allow 30% for the estimate.
+    assert rel_err(mean, g0) < 1.3 * err1 / np.sqrt(k), (k, rel_err(mean, g0), err1)
+
+
+def test_deterministic_without_rng_and_seeded_with_it():
+  ws, x = mlp_data()
+  f = compressed(2)
+  grad = jax.jit(lambda ws, x, rng=None: jax.grad(mlp_loss(f))(ws, x, rng=rng))
+  a, b = grad(ws, x), grad(ws, x)
+  assert all(jnp.array_equal(u, v) for u, v in zip(a, b))
+  k1, k2 = grad(ws, x, jax.random.key(1)), grad(ws, x, jax.random.key(1))
+  assert all(jnp.array_equal(u, v) for u, v in zip(k1, k2))
+  k3 = grad(ws, x, jax.random.key(2))
+  assert not all(jnp.array_equal(u, v) for u, v in zip(k1, k3))
+
+
+def test_residual_table_keeps_parameters_small_and_integer_residuals():
+  def f(x, w, idx):
+    h = x @ w
+    small = jnp.sin(jnp.sum(h, axis=0))  # a (WIDTH,) residual: below min_size
+    picked = jnp.take_along_axis(h, idx, axis=1)  # saves the integer indices
+    return jnp.sum(jnp.tanh(h) * small) + jnp.sum(picked * picked)
+
+  ws, x = mlp_data()
+  idx = jnp.zeros((BATCH, 1), jnp.int32)
+  g = jact.remat_compress(f, bits=4, keep_argnums=(1,), min_size=1024)
+  table = jact.residuals(lambda w, x: g(x, w, idx), ws[0], x)
+  by_source = {}
+  for r in table:
+    by_source.setdefault(r.source, []).append(r)
+  assert all(r.bits == 32 for r in by_source["parameter"])
+  assert any(r.is_argument and r.name == "f/w" for r in by_source["parameter"])
+  assert any(r.name == "f/x" and r.bits == 4 and r.source == "input" for r in table)
+  kept = [r for r in table if r.bits == 32 and r.source in ("activation", "input")]
+  assert kept and all(r.size < 1024 or not jnp.issubdtype(r.dtype, jnp.floating) for r in kept)
+  assert all(r.stored_nbytes < r.nbytes for r in table if r.bits == 4)
+  names = [r.name for r in table]
+  assert len(names) == len(set(names))
+  assert "stored" in str(table) and "f/x" in str(table)
+
+
+def test_same_array_saved_twice_is_stored_once():
+  sq = jact.remat_compress(lambda x: x * x, bits=2, min_size=0)
+  table = jact.residuals(lambda x: jnp.sum(sq(x)), jnp.ones((64, 64)))
+  assert len(table) == 1 and table[0].name == "<lambda>/x"
+
+
+def test_policies_by_name_and_bad_bits():
+  policy = jact.policies.by_name({"layer/x": 8, "*": 4})
+  ws, x = mlp_data()
+  table = jact.residuals(mlp_loss(compressed(policy)), ws[:1], x)
+  bits = {r.name: r.bits for r in table if r.source != "parameter" and r.name.startswith("layer/")}
+  assert bits["layer/x"] == 8 and set(bits.values()) == {8, 4}
+  bad = compressed(lambda info: 3)
+  with pytest.raises(ValueError, match=r"bits=3 for residual 'layer/"):
+    jax.grad(mlp_loss(bad))(ws[:1], x)
+  with pytest.raises(ValueError, match="bits=5"):
+    jact.remat_compress(layer, bits=5)
+
+
+def test_pytrees_kwargs_closures_and_aux():
+  params = {"w": jnp.eye(64) * 0.5, "b": jnp.ones(64)}
+  x = jax.random.normal(jax.random.key(3), (128, 64))
+
+  def block(p, x, *, scale):
+    h = jnp.tanh(x @ p["w"] + p["b"]) * scale
+    return {"out": h, "aux": jnp.mean(h)}
+
+  cblock = jact.remat_compress(block, bits=32, keep_argnums=(0,), min_size=0)
+
+  def loss(p, x, f):
+    out = f(p, x, scale=2.0)
+    return jnp.sum(out["out"] ** 2), out["aux"]
+
+  (l0, aux0), g0 = jax.value_and_grad(loss, has_aux=True)(params, x, block)
+  (l1, aux1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)(params, x, cblock)
+  assert jnp.allclose(l0, l1) and jnp.allclose(aux0, aux1) and rel_err(g1, g0) < 1e-5
+
+  # closing over traced parameters: their gradients flow through the closure
+  def closed_loss(p, x):
+    f = jact.remat_compress(lambda x: jnp.tanh(x @ p["w"]), bits=32)
+    return jnp.sum(f(x) ** 2)
+  expected = jax.grad(lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]) ** 2))(params, x)
+  assert rel_err(jax.jit(jax.grad(closed_loss))(params, x)["w"], expected["w"]) < 1e-5
+
+
+def test_vmap_scan_and_checkpoint_compose():
+  ws, x = mlp_data()
+  f = compressed(32)
+  g0 = exact_grads()
+  # lax.scan over a compressed body
+  stacked = jnp.stack(ws)
+  scan_loss = lambda ws, x, f: jnp.mean(jax.lax.scan(lambda h, w: (f(h, w), None), x, ws)[0] ** 2)
+  assert rel_err(jax.grad(scan_loss)(stacked, x, f), jnp.stack(g0)) < 1e-5
+  # vmap over a batch of inputs
+  per_example = lambda ws, x, f: jax.vmap(lambda xi: mlp_loss(f)(ws, xi[None]))(x)
+  vm = jax.grad(lambda ws, x: jnp.mean(per_example(ws, x, f)))(ws, x)
+  assert rel_err(vm, g0) < 1e-5
+  # nested inside and around jax.checkpoint
+  inside = jax.grad(mlp_loss(jax.checkpoint(f)))(ws, x)
+  around = jax.grad(mlp_loss(jact.remat_compress(jax.checkpoint(layer), bits=32, keep_argnums=(1,))))(ws, x)
+  assert rel_err(inside, g0) < 1e-5 and rel_err(around, g0) < 1e-5
+
+
+def test_forward_mode_raises_a_clear_error():
+  f = compressed(2)
+  ws, x = mlp_data()
+  with pytest.raises(TypeError, match="reverse-mode"):
+    jax.jvp(lambda x: f(x, ws[0]), (x,), (x,))
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="keep_argnums"):
+    jact.remat_compress(layer, keep_argnums=(-1,))
+  with pytest.raises(ValueError, match="called with 2 positional arguments"):
+    jact.remat_compress(layer, keep_argnums=(5,))(jnp.ones((2, 2)), jnp.ones((2, 2)))
+  with pytest.raises(TypeError, match="static_argnums"):
+    jact.remat_compress(lambda x, mode: x)(jnp.ones(3), "train")
+  with pytest.raises(TypeError, match="bits must be"):
+    jact.remat_compress(layer, bits="two")
+
+
+def test_constant_residuals_are_kept():
+  def f(x):
+    c = jnp.broadcast_to(jnp.linspace(0.0, 1.0, 64), x.shape)  # depends on no argument
+    return jnp.sin(x * c)
+  table = jact.residuals(lambda x: jnp.sum(jact.remat_compress(f, bits=2, min_size=0)(x)), jnp.ones((64, 64)))
+  assert all(r.bits == 32 for r in table if r.source == "constant")
