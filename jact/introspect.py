@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -11,13 +11,20 @@ from jact import _jaxpr, transform
 from jact.info import ResidualInfo, ResidualTable
 
 
-def residuals(fn: Callable, *args: Any, **kwargs: Any) -> ResidualTable:
+def residuals(fn: Callable, *args: Any, keep_argnums: Sequence[int] = (), **kwargs: Any) -> ResidualTable:
   """Lists what reverse-mode differentiation of `fn(*args, **kwargs)` keeps for the backward pass.
 
   Every compressed call (`jact.remat_compress`, compressed Flax modules) reached while tracing
   contributes its residuals, with the width its policy chose and the bytes it stores. Residuals
   that `fn` keeps outside any compressed call follow, at full precision (named `<fn>/...`).
-  Nothing is computed: only shapes are traced.
+  Nothing is computed: only shapes are traced, so `jax.ShapeDtypeStruct`s may stand for arrays.
+
+  Args:
+    fn: the function that will be differentiated (typically the loss).
+    *args, **kwargs: its arguments.
+    keep_argnums: positional arguments of `fn` that are parameters: residuals outside compressed
+      calls that are these arguments (or computed from them alone) are listed as "parameter", so
+      that `ResidualTable.activation_nbytes` counts activations only.
 
   A compressed call inside a `jax.jit`-wrapped function that was already traced for these shapes
   is not traced again, so it cannot report itself: pass the unjitted function.
@@ -27,6 +34,8 @@ def residuals(fn: Callable, *args: Any, **kwargs: Any) -> ResidualTable:
   """
   fun = inspect.unwrap(fn)  # a jax.jit wrapper would serve inner traces from its cache
   leaves, in_tree = jax.tree.flatten((args, kwargs))
+  kept = [i in keep_argnums for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
+  kept += [False] * (len(leaves) - len(kept))
 
   def flat(*leaves):
     a, k = jax.tree.unflatten(in_tree, leaves)
@@ -35,7 +44,7 @@ def residuals(fn: Callable, *args: Any, **kwargs: Any) -> ResidualTable:
   scope = getattr(fun, "__name__", type(fun).__name__)
   config = transform.full_precision_config()
   with transform.collecting_regions() as regions:
-    plan = transform.analyse(flat, leaves, [f"arg{i}" for i in range(len(leaves))], scope, config)
+    plan = transform.analyse(flat, leaves, kept, [f"arg{i}" for i in range(len(leaves))], scope, config)
   jaxpr = plan.fwd.jaxpr
   outside = [r.info for r in plan.residuals if not _stored_by_jact(jaxpr, r.atom)]
   return ResidualTable([info for region in regions for info in region] + outside)

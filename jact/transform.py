@@ -81,10 +81,10 @@ def full_precision_config() -> _Config:
   return _Config(policies.uniform(32), DEFAULT_GROUP_SIZE, 0, "stochastic")
 
 
-def analyse(fun: Callable, leaves: Sequence[Any], labels: Sequence[str], scope: str,
-            config: _Config) -> "_Plan":
-  """The residual plan of `fun(*leaves)` (all leaves compressible), without running anything."""
-  return _build_plan(fun, leaves, [_COMPRESSIBLE] * len(leaves), labels, scope, config)
+def analyse(fun: Callable, leaves: Sequence[Any], kept: Sequence[bool], labels: Sequence[str],
+            scope: str, config: _Config) -> "_Plan":
+  """The residual plan of `fun(*leaves)` without running anything; `kept` marks parameter leaves."""
+  return _build_plan(fun, leaves, [_KEEP if k else _COMPRESSIBLE for k in kept], labels, scope, config)
 
 
 def _tangent_aval(aval) -> jax.ShapeDtypeStruct:
