@@ -6,14 +6,16 @@ stochastic rounding) and restores them in the backward pass, as composable funct
 """
 
 from jact import memory, policies
+from jact._context import use_policy
 from jact.codec import QuantizedArray, dequantize, quantize
 from jact.info import ResidualInfo, ResidualTable
 from jact.introspect import residuals
+from jact.sensitivity import calibrate
 from jact.transform import remat_compress
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantizedArray", "ResidualInfo", "ResidualTable", "dequantize", "memory", "policies",
-    "quantize", "remat_compress", "residuals",
+    "QuantizedArray", "ResidualInfo", "ResidualTable", "calibrate", "dequantize", "memory", "policies",
+    "quantize", "remat_compress", "residuals", "use_policy",
 ]

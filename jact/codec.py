@@ -269,32 +269,62 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
   return QuantizedArray(payload, lo, hi, shape, dtype, bits, group_size)
 
 
-# Jitted so that the many same-shaped residuals of a deep network share one trace and lowering.
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _quantize_packed(x: jax.Array, seed: jax.Array, bits: int, group_size: int, rounding: str):
-  dtype = x.dtype
-  layout = Layout.of(x.shape, group_size)
-  compute = _compute_dtype(dtype)
-  groups = layout.to_groups(x)
-  values = groups.astype(compute)
-  levels = 2**bits - 1
+def _grid(values: jax.Array, bits: int):
+  """Per-group (lo', hi', levels / (hi' - lo'), constant) of grouped `values` (see the module doc)."""
+  compute = values.dtype
   lo_exact = jnp.min(values, axis=-1)
   hi_exact = jnp.max(values, axis=-1)
   constant = lo_exact == hi_exact  # False for NaN groups
   lo = _bf16_toward(lo_exact, -1.0)
   hi = jnp.where(constant, lo, _bf16_toward(hi_exact, +1.0))
-  scale = levels / jnp.maximum(hi.astype(compute) - lo.astype(compute), compute.type(MIN_RANGE))
+  scale = (2**bits - 1) / jnp.maximum(hi.astype(compute) - lo.astype(compute), compute.type(MIN_RANGE))
+  return lo, hi, scale, constant
+
+
+# Jitted so that the many same-shaped residuals of a deep network share one trace and lowering.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _quantize_packed(x: jax.Array, seed: jax.Array, bits: int, group_size: int, rounding: str):
+  layout = Layout.of(x.shape, group_size)
+  compute = _compute_dtype(x.dtype)
+  groups = layout.to_groups(x)
+  values = groups.astype(compute)
+  lo, hi, scale, constant = _grid(values, bits)
   scaled = (values - lo.astype(compute)[..., None]) * scale[..., None]
   if rounding == "stochastic":
     index = jnp.arange(layout.num_groups * group_size, dtype=jnp.uint32).reshape(groups.shape)
     noise = hashing.uniform(hashing.seed_key(seed), index, hashing.value_bits(groups), compute.type)
   else:
     noise = compute.type(0.5)
-  codes = jnp.clip(jnp.floor(scaled + noise), 0, levels).astype(jnp.uint8)
+  codes = jnp.clip(jnp.floor(scaled + noise), 0, 2**bits - 1).astype(jnp.uint8)
   payload = _pack(codes, bits)
   # The first element's bits, not a computed value: exact even for subnormals that arithmetic flushes.
   payload = jnp.where(constant[..., None], _value_bytes(groups[..., 0], payload.shape[-1]), payload)
   return payload, lo, hi
+
+
+def rounding_variance(x: jax.Array, bits: int, group_size: int = 256) -> jax.Array:
+  """Per-element variance of `dequantize(quantize(x, bits, group_size))` over stochastic seeds.
+
+  A value a fraction p of a grid step above a grid point rounds up with probability p, so its
+  decoded error has variance p (1 - p) step**2, with the exact grid `quantize` uses. For bits=16
+  the error is the deterministic bfloat16 rounding, whose square is returned; for 32 it is zero.
+  """
+  x = jnp.asarray(x)
+  check_float_dtype(x.dtype)
+  bits, group_size = check_bits(bits), check_group_size(group_size)
+  compute = _compute_dtype(x.dtype)
+  if bits == 32:
+    return jnp.zeros(x.shape, compute)
+  if bits == 16:
+    return (x.astype(compute) - x.astype(jnp.bfloat16).astype(compute)) ** 2
+  layout = Layout.of(x.shape, group_size)
+  values = layout.to_groups(x).astype(compute)
+  lo, hi, scale, constant = _grid(values, bits)
+  scaled = (values - lo.astype(compute)[..., None]) * scale[..., None]
+  frac = scaled - jnp.floor(scaled)
+  step = 1 / scale[..., None]
+  variance = jnp.where(constant[..., None], 0, frac * (1 - frac) * step**2)
+  return layout.from_groups(variance)
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:

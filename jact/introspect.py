@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from jact import _jaxpr, transform
+from jact import _context, _jaxpr, transform
 from jact.info import ResidualInfo, ResidualTable
 
 
@@ -43,7 +43,7 @@ def residuals(fn: Callable, *args: Any, keep_argnums: Sequence[int] = (), **kwar
 
   scope = getattr(fun, "__name__", type(fun).__name__)
   config = transform.full_precision_config()
-  with transform.collecting_regions() as regions:
+  with _context.collecting() as regions:
     plan = transform.analyse(flat, leaves, kept, [f"arg{i}" for i in range(len(leaves))], scope, config)
   jaxpr = plan.fwd.jaxpr
   outside = [r.info for r in plan.residuals if not _stored_by_jact(jaxpr, r.atom)]

@@ -19,11 +19,9 @@ Python, decides buffer lifetimes. So jact interprets both jaxprs itself and orde
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
-import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,7 +30,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as jex
 
-from jact import _chains, _jaxpr, codec, hashing, info as info_lib, policies
+from jact import _chains, _context, _jaxpr, codec, hashing, info as info_lib, policies
 from jact.info import ResidualInfo
 
 DEFAULT_GROUP_SIZE = 256
@@ -185,12 +183,13 @@ def _residual_seed(seed: jax.Array, index: int) -> jax.Array:
   return seed ^ np.uint32((index + 1) * 0x9E3779B9 % 2**32)
 
 
-def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any]):
+def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any], compress: bool = True):
+  """Outputs and stored residuals; with `compress=False` every residual is kept as it is."""
   jaxpr = plan.fwd.jaxpr
   env = _jaxpr.bind_inputs(jaxpr, plan.fwd.consts, inputs)
   ready: dict[int, list[int]] = {}
   for uid, r in enumerate(plan.residuals):
-    if r.compressed:
+    if r.compressed and compress:
       ready.setdefault(r.ready_after, []).append(uid)
   stored: list[Any] = [None] * len(plan.residuals)
   pending: list[tuple[int, codec.QuantizedArray]] = []
@@ -223,7 +222,7 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   if pending:
     outs = tie(outs)
   for uid, r in enumerate(plan.residuals):
-    if not r.compressed and not _jaxpr.is_literal(r.atom):
+    if stored[uid] is None and not _jaxpr.is_literal(r.atom):
       stored[uid] = env.read(r.atom)
   return outs, stored
 
@@ -243,7 +242,7 @@ def _run_backward(plan: _Plan, stored: Sequence[Any], cts: Sequence[Any]):
 
   waiting = set()
   for uid, r in enumerate(plan.residuals):
-    if r.compressed:
+    if isinstance(stored[uid], codec.QuantizedArray):
       waiting.add(uid)
     else:
       restore(uid, r.atom.val if _jaxpr.is_literal(r.atom) else stored[uid])
@@ -291,24 +290,7 @@ class _Stored:
 
 # --- the public transform ------------------------------------------------------------------------
 
-_collector = threading.local()
 STORED_MARK = "jact:stored"  # checkpoint_name of stored residuals while jact.residuals collects
-
-
-def _collecting() -> list | None:
-  return getattr(_collector, "regions", None)
-
-
-@contextlib.contextmanager
-def collecting_regions():
-  """Within this context, each compressed call that is traced appends its residual table to the
-  yielded list, and marks what it stores with `STORED_MARK` (used by `jact.residuals`)."""
-  previous = _collecting()
-  _collector.regions = regions = []
-  try:
-    yield regions
-  finally:
-    _collector.regions = previous
 
 
 class _Traced:
@@ -338,7 +320,7 @@ class _Traced:
 
     def core_fwd(seed, *inputs):
       plan = plan_for(inputs)
-      regions = _collecting()
+      regions = _context.current().regions
       outs, stored = _run_forward(plan, config, seed, inputs)
       if regions is not None:
         regions.append(info_lib.ResidualTable(plan.infos))
@@ -351,6 +333,47 @@ class _Traced:
 
     core.defvjp(core_fwd, core_bwd)
     self.core = core
+    self.plan_for = plan_for
+
+    @jax.custom_vjp
+    def probed(seed, deltas, *inputs):
+      return pure(*inputs)
+
+    def probed_fwd(seed, deltas, *inputs):
+      plan = plan_for(inputs)
+      state = _context.current()
+      probe = state.probe
+      if state.regions is not None:
+        state.regions.append(info_lib.ResidualTable(plan.infos))
+      outs, stored = _run_forward(plan, config, seed, inputs, compress=False)
+      for r, value in zip(plan.residuals, stored):
+        if r.info.kept_because == "" and r.info.source in (info_lib.ACTIVATION, info_lib.INPUT):
+          probe.captured[probe.key(r.info.name)] = value
+      return outs, (_Stored(stored, plan), deltas)
+
+    def probed_bwd(res, cts):
+      stored, deltas = res
+      perturbed = [a if d is None else a + d.astype(a.dtype) for a, d in zip(stored.arrays, deltas)]
+      grads = _run_backward(stored.plan, perturbed, list(cts))
+      return (np.zeros((), jax.dtypes.float0), jax.tree.map(jnp.zeros_like, deltas), *grads)
+
+    probed.defvjp(probed_fwd, probed_bwd)
+    self.probed = probed
+
+  def call(self, seed, inputs):
+    probe = _context.current().probe
+    if probe is None:
+      return self.core(seed, *inputs)
+    # Probing: the sensitivity pass perturbs residuals in the backward pass by `deltas`.
+    plan = self.plan_for(inputs)
+    counts = dict(probe.counts)
+    deltas = []
+    for r in plan.residuals:
+      eligible = r.info.kept_because == "" and r.info.source in (info_lib.ACTIVATION, info_lib.INPUT)
+      deltas.append(probe.deltas.get((r.info.name, counts.get(r.info.name, 0))) if eligible else None)
+      if eligible:
+        counts[r.info.name] = counts.get(r.info.name, 0) + 1
+    return self.probed(seed, deltas, *inputs)
 
 
 _TRACED: dict[tuple, _Traced] = {}
@@ -540,10 +563,12 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
     fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
     consts = list(fun_jaxpr.consts)
     scope = "/".join(_jaxpr.current_scope() + [base_scope])
+    override = _context.current().policy
+    call_config = config if override is None else dataclasses.replace(config, policy=override)
     traced = _traced_for(fun_jaxpr.jaxpr, len(consts), [_KEEP] * len(consts) + kinds,
-                         [f"closure{i}" for i in range(len(consts))] + labels, scope, config)
+                         [f"closure{i}" for i in range(len(consts))] + labels, scope, call_config)
     try:
-      outs = traced.core(_seed_from(rng), *consts, *leaves)
+      outs = traced.call(_seed_from(rng), consts + leaves)
     except TypeError as e:
       if "forward-mode" in str(e):
         raise TypeError(

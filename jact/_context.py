@@ -1,0 +1,87 @@
+"""Trace-time context: settings that reach every compressed call traced inside a `with` block.
+
+They act when a compressed function is *traced*: a `jax.jit` function that was already traced
+keeps what it saw then, so jit (or re-jit) the step inside the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Any, Iterator
+
+_state = threading.local()
+
+
+@dataclasses.dataclass
+class Probe:
+  """What the sensitivity pass asks of compressed calls: keep residuals at full precision,
+  report their values, and add `deltas` to them in the backward pass.
+
+  Residuals are keyed by (name, occurrence): the k-th traced residual with that name.
+  """
+  deltas: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)
+  captured: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def key(self, name: str) -> tuple[str, int]:
+    k = self.counts.get(name, 0)
+    self.counts[name] = k + 1
+    return name, k
+
+
+@dataclasses.dataclass
+class _State:
+  policy: Any = None
+  regions: list | None = None
+  probe: Probe | None = None
+
+
+def current() -> _State:
+  if not hasattr(_state, "value"):
+    _state.value = _State()
+  return _state.value
+
+
+@contextlib.contextmanager
+def _replaced(**changes) -> Iterator[_State]:
+  state = current()
+  previous = dataclasses.replace(state)
+  for name, value in changes.items():
+    setattr(state, name, value)
+  try:
+    yield state
+  finally:
+    _state.value = previous
+
+
+@contextlib.contextmanager
+def use_policy(policy) -> Iterator[None]:
+  """Every compressed call traced in this block uses `policy` instead of its own.
+
+  This is how a bit table that arrives after a model was built (`jact.calibrate`) reaches it:
+
+      policy = jact.calibrate(loss_fn, params, probe_batch, avg_bits=2)
+      with jact.use_policy(policy):
+        step = jax.jit(train_step)      # traced here: every compressed call uses `policy`
+
+  Args:
+    policy: anything `bits=` accepts (an int or a policy), or None to restore each call's own.
+  """
+  from jact import policies
+  with _replaced(policy=None if policy is None else policies.resolve(policy)):
+    yield
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list]:
+  """Each compressed call traced in this block appends its residual table to the yielded list."""
+  with _replaced(regions=[]) as state:
+    yield state.regions
+
+
+@contextlib.contextmanager
+def probing(probe: Probe) -> Iterator[Probe]:
+  with _replaced(probe=probe):
+    yield probe
