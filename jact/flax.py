@@ -11,13 +11,13 @@ What is kept and what is compressed. Inside the lifted call, every variable coll
 anyway and are never compressed. The arguments of the call (the activations entering the module)
 and everything computed inside it are compressible.
 
-Residual names. A residual is named `<named scopes>/<module>/<label>`: the named scopes Flax
-pushes for the enclosing modules (`Net`, ...; on by default, see `flax.config.flax_profile`), the
-compressed module's own name (`Block_3`, or `Block_3.encode` for a method other than
-`__call__`), then the argument name (`x`) or the scopes and primitive inside the module
-(`Dense_0/dot_general0`). Names depend only on the module tree, so they are the same at every
-call and in every process, and `jact.policies.by_name` patterns and calibrated tables can
-address them.
+Residual names. A residual of a compressed module is named `<module path>/<label>`: the module
+path is the named scopes Flax pushes for the enclosing modules (`Net`; on by default, see
+`flax.config.flax_profile`) and the compressed module's own name (`Block_3`, or `Block_3.encode`
+for a method other than `__call__`); the label is the argument's name (`x`) or the named scopes
+inside the module and the primitive (`.../Dense_0/dot_general0`). Names depend only on the module
+tree, so they are the same at every call and in every process, and `jact.policies.by_name`
+patterns and calibrated tables can address them (`"Net/Block_3/*"`).
 
 Parameter paths. Unlike `nn.remat` (whose auto-named submodules become `CheckpointBlock_0`), the
 class returned by `compressed(Block)` is named `Block`, so auto-naming gives `Block_0`, `Block_1`
@@ -120,7 +120,8 @@ class Options:
                          f"not a positional argument of this call (it has positions {positions}; "
                          "a module itself is never static).")
       static.append(num_state + positions.index(argnum))
-    policy = _policy_override.get() or self.policy
+    override = _policy_override.get()
+    policy = self.policy if override is None else override
     return remat_compress(fun, policy, keep_argnums=tuple(range(num_state)),
                           static_argnums=tuple(static), group_size=self.group_size,
                           min_size=self.min_size, rounding=self.rounding, name=name)
@@ -133,10 +134,13 @@ def with_arg_names(fun: Callable, state_names: Sequence[str], source: Callable,
   `remat_compress` names input residuals after the wrapped function's parameters; this keeps the
   user's names (`Block_3/x`) for the arguments that pass through a pure wrapper.
   """
-  params = list(inspect.signature(source).parameters.values())
-  names = [params[i].name if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY,
-                                                                    params[i].POSITIONAL_OR_KEYWORD)
-           else f"arg{i}" for i in positions]
+  try:
+    params = list(inspect.signature(source).parameters.values())
+  except (TypeError, ValueError):  # no signature (a builtin): positional names
+    params = []
+  positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  names = [params[i].name if i < len(params) and params[i].kind in positional
+           and params[i].name not in state_names else f"arg{i}" for i in positions]
   fun.__signature__ = inspect.Signature(
       [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in [*state_names, *names]])
   return fun
@@ -219,7 +223,7 @@ def compressed(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
   """
   options = Options.create(bits, static_argnums, group_size, min_size, rounding)
   if target is None:
-    return functools.partial(compressed, bits=options.policy, static_argnums=options.static_argnums,
+    return functools.partial(compressed, bits=bits, static_argnums=static_argnums,
                              group_size=group_size, min_size=min_size, rounding=rounding, name=name)
   if _is_linen_class(target):
     module_class = target.func if isinstance(target, functools.partial) else target
@@ -290,12 +294,10 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
                 rounding=rounding, name=name)
   if target is None:
     return functools.partial(compress, **kwargs)
-  if _is_linen_class(target):
-    return compressed(target, **kwargs)
+  if _is_linen_class(target) or isinstance(target, nn.Module):
+    return compressed(target, **kwargs)  # an instance: compressed explains what to pass instead
   if jact_nnx.is_module(target):
     return jact_nnx.compress(target, **kwargs)
-  if isinstance(target, nn.Module):
-    return compressed(target, **kwargs)  # raises the error for instances
   if not callable(target) or inspect.isclass(target):
     raise TypeError(f"jact.compress expects a linen Module class, a Flax NNX Module (class or "
                     f"instance), a method or a function; got {target!r} of type "

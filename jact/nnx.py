@@ -24,6 +24,7 @@ import functools
 import inspect
 from typing import Any, Callable, Sequence
 
+import jax
 from flax import nnx
 
 from jact import policies
@@ -36,11 +37,24 @@ def is_module(target: Any) -> bool:
   return isinstance(target, nnx.Module) or inspect.isclass(target) and issubclass(target, nnx.Module)
 
 
+def _check_no_nested_nodes(name: str, args: tuple, kwargs: dict) -> None:
+  """Graph nodes become kept state only as positional arguments; elsewhere their updates would be
+  lost, so they are an error."""
+  is_node = lambda x: isinstance(x, nnx.Pytree)
+  for path, leaf in jax.tree_util.tree_leaves_with_path((args, kwargs), is_leaf=is_node):
+    positional, top = path[0].idx == 0, path[1]
+    if is_node(leaf) and not (positional and len(path) == 2):
+      where = f"inside argument {top.idx}" if positional else f"in keyword argument {top.key!r}"
+      raise TypeError(f"{name}: an NNX {type(leaf).__name__} {where}; NNX modules and other graph "
+                      "nodes must be positional arguments of a compressed call.")
+
+
 def _compress_function(fn: Callable, options: Options, name: str) -> Callable:
   """`fn` with its residuals compressed and the NNX graph nodes among its arguments as kept state."""
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
+    _check_no_nested_nodes(name, args, kwargs)
     node_positions = [i for i, a in enumerate(args) if isinstance(a, nnx.Pytree)]
     positions = [i for i in range(len(args)) if i not in node_positions]
     others = [args[i] for i in positions]
