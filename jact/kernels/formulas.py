@@ -7,14 +7,16 @@ not have, or lowers with different semantics, an exact equivalent takes its plac
 
 * `jnp.nextafter` on bfloat16 (no lowering) -> `bf16_next`, integer steps on the bit pattern,
   which is how XLA expands it;
-* float min/max, which Triton lowers NaN-ignoring (`maxnumf`) where XLA propagates NaN ->
-  `group_min_max` adds an explicit NaN flag;
+* float min/max, which Triton lowers NaN-ignoring (`maxnumf`) where XLA means to propagate NaN ->
+  `group_min_max` adds an explicit NaN flag (XLA:CPU itself drops NaN in row-wise min/max of
+  arrays with several rows of 512 or more float32 values, so the reference misses those);
 * float -> uint8 of NaN (0 in XLA, poison in LLVM) -> `quantize_codes` selects 0 explicitly;
 * `bitcast_convert_type` between widths (no lowering) and slicing of values (no lowering) ->
   shifts, masks and a masked sum (`value_bytes`, `bytes_value`).
 
 The functions work on any leading shape; the group's elements lie along `axes` (or the last axis
-for codes packed into bytes: `(..., bytes, codes_per_byte)`).
+for codes packed into bytes: `(..., bytes, codes_per_byte)`). The module depends on jax alone, so
+that `jact.codec` can build its reference from it too.
 """
 
 from __future__ import annotations
@@ -25,14 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jact import codec
-
 _BF16_SIGN = np.uint16(0x8000)
 _BF16_MAGNITUDE = np.uint16(0x7FFF)
 
 
 def group_min_max(values: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-  """Per-group float32 (min, max) over `axes`; NaN for a group holding a NaN, as in XLA."""
+  """Per-group float32 (min, max) over `axes`; NaN for a group holding a NaN."""
   axes = tuple(axes)
   has_nan = jnp.max(jnp.isnan(values).astype(jnp.int32), axis=axes) > 0
   lo = jnp.where(has_nan, np.float32(np.nan), jnp.min(values, axis=axes))
@@ -71,9 +71,9 @@ def group_bounds(lo_exact: jax.Array, hi_exact: jax.Array) -> tuple[jax.Array, j
   return lo, hi, constant
 
 
-def grid_scale(lo: jax.Array, hi: jax.Array, levels: int) -> jax.Array:
-  """Grid points per unit of value, from the stored bfloat16 bounds, in float32."""
-  return levels / jnp.maximum(hi.astype(jnp.float32) - lo.astype(jnp.float32), np.float32(codec.MIN_RANGE))
+def grid_scale(lo: jax.Array, hi: jax.Array, levels: int, min_range: float) -> jax.Array:
+  """Grid points per unit of value, from the stored bfloat16 bounds and a floor on the range."""
+  return levels / jnp.maximum(hi.astype(jnp.float32) - lo.astype(jnp.float32), np.float32(min_range))
 
 
 def quantize_codes(values: jax.Array, lo: jax.Array, scale: jax.Array, noise, levels: int) -> jax.Array:

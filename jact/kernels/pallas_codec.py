@@ -1,7 +1,7 @@
 """Fused Pallas kernels for the codec: quantise+pack and unpack+dequantise, each in one pass.
 
-The jnp reference (`jact.codec`) reads x twice (min/max, then codes) and XLA may materialise the
-element indices of the noise; `quantize_pallas` reads each group once into registers, reduces it
+XLA compiles the jnp reference (`jact.codec`) into at least two passes over x (the min/max
+reduction, then the codes); `quantize_pallas` reads each group once into registers, reduces it
 to (lo, hi), hashes the noise from the element's index and bits on the spot, and writes only the
 packed bytes and the bfloat16 bounds. `dequantize_pallas` reads the bytes and bounds once and
 writes the values. Both produce the reference's bits: their arithmetic is `formulas`, the same
@@ -37,14 +37,17 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+# `codec` is used inside functions only: `jact.codec` may import `jact.kernels.formulas`, which
+# runs this module while `jact.codec` is still half-initialised.
 from jact import codec, hashing
 from jact.kernels import formulas
 
-KERNEL_BITS = codec.PACKED_BITS
 KERNEL_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
-# Values per program: 16 groups of 256, 32 values per thread at 4 warps, all in registers.
+# Values per program: 16 groups of 256; at 8 warps each thread holds 16 of them in registers,
+# few enough for the hash's temporaries not to spill. A guess until benchmarks/gpu_kernels.py's
+# block_rows sweep has run on a GPU.
 ELEMENTS_PER_BLOCK = 4096
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 def supports(dtype, bits: int, group_size: int) -> bool:
@@ -54,7 +57,7 @@ def supports(dtype, bits: int, group_size: int) -> bool:
   64-bit integer lanes), bits 16 and 32 (plain casts, nothing to fuse) and group sizes that are
   not a power of two (Triton blocks must be) stay on the jnp reference.
   """
-  return jnp.dtype(dtype) in KERNEL_DTYPES and bits in KERNEL_BITS and _is_power_of_two(group_size)
+  return jnp.dtype(dtype) in KERNEL_DTYPES and bits in codec.PACKED_BITS and _is_power_of_two(group_size)
 
 
 def quantize_pallas(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str = "stochastic",
@@ -119,7 +122,7 @@ def _quantize_kernel(key_ref, x_ref, payload_ref, lo_ref, hi_ref, *, bits: int, 
   levels = 2**bits - 1
   lo_exact, hi_exact = formulas.group_min_max(values, axes=(1, 2))
   lo, hi, constant = formulas.group_bounds(lo_exact, hi_exact)
-  scale = formulas.grid_scale(lo, hi, levels)
+  scale = formulas.grid_scale(lo, hi, levels, codec.MIN_RANGE)
   if rounding == "stochastic":
     index = _element_index(x.shape, block_rows, group_size)
     noise = hashing.uniform(key_ref[0], index, hashing.value_bits(x), np.float32)
@@ -216,8 +219,8 @@ def _check_supported(dtype, bits: int, group_size: int) -> None:
   if jnp.dtype(dtype) not in KERNEL_DTYPES:
     raise TypeError(f"The Pallas codec kernels take {', '.join(map(str, KERNEL_DTYPES))}, not "
                     f"{jnp.dtype(dtype)}; use jact.codec.quantize / dequantize for it.")
-  if bits not in KERNEL_BITS:
-    raise ValueError(f"The Pallas codec kernels take bits in {KERNEL_BITS}, not {bits}; bits 16 and 32 "
+  if bits not in codec.PACKED_BITS:
+    raise ValueError(f"The Pallas codec kernels take bits in {codec.PACKED_BITS}, not {bits}; bits 16 and 32 "
                      "are casts, use jact.codec.quantize / dequantize.")
   if not _is_power_of_two(group_size):
     raise ValueError(f"The Pallas codec kernels need a power-of-two group_size (Triton blocks are), "
