@@ -17,21 +17,22 @@ path is the named scopes Flax pushes for the enclosing modules (`Net`; on by def
 for a method other than `__call__`); the label is the argument's name (`x`) or the named scopes
 inside the module and the primitive (`.../Dense_0/dot_general0`). Names depend only on the module
 tree, so they are the same at every call and in every process, and `jact.policies.by_name`
-patterns and calibrated tables can address them (`"Net/Block_3/*"`).
+patterns and calibrated tables can address them (`"Net/Block_3/*"`). With Flax's named scopes
+off (`nn.override_named_call(False)`), names keep only the compressed module's own name.
 
 Parameter paths. Unlike `nn.remat` (whose auto-named submodules become `CheckpointBlock_0`), the
 class returned by `compressed(Block)` is named `Block`, so auto-naming gives `Block_0`, `Block_1`
 as before: a compressed model has exactly the variable tree of the uncompressed one and loads its
 checkpoints.
 
-Changing the policy of a built model. Bits are chosen at trace time, and `use_policy(policy)`
-overrides the bits of every region compressed with `compressed` / `compress` (linen, NNX and
-functions) that is traced inside it. A calibrated policy, which arrives after the model exists,
-is applied without redefining any class::
+Changing the policy of a built model. Bits are chosen when a compressed call is traced, and
+`jact.use_policy(policy)` overrides the bits of every compressed call traced inside it, compressed
+modules included. A calibrated policy, which arrives after the model exists, is applied without
+redefining any class::
 
   @functools.partial(jax.jit, static_argnames="policy")
   def train_step(state, batch, policy=None):
-    with jact.flax.use_policy(policy):
+    with jact.use_policy(policy):       # None: each module's own bits
       ...
 
 Policies are hashable, so passing the policy as a static argument retraces the step when it
@@ -40,12 +41,10 @@ changes; a `use_policy` around an already-traced jitted function has no effect o
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 from flax.core import lift
@@ -53,36 +52,13 @@ from flax.core import lift
 from jact import policies
 from jact.transform import DEFAULT_GROUP_SIZE, DEFAULT_MIN_SIZE, remat_compress
 
-_policy_override: contextvars.ContextVar[policies.Policy | None] = contextvars.ContextVar(
-    "jact_policy_override", default=None)
-
-
-@contextlib.contextmanager
-def use_policy(bits: policies.BitsOrPolicy | None) -> Iterator[None]:
-  """Overrides the bits of every `compress`ed / `compressed` region traced inside the block.
-
-  Args:
-    bits: a policy (or an int width) used instead of each region's own `bits`; None removes the
-      override (each region uses its own bits again), so that `use_policy(policy)` with an
-      optional `policy` argument needs no special case.
-
-  Returns:
-    A context manager. The override is read when a region is traced: a jitted function traced
-    before keeps its bits; make the policy a static argument of the jitted function to retrace.
-  """
-  token = _policy_override.set(None if bits is None else policies.resolve(bits))
-  try:
-    yield
-  finally:
-    _policy_override.reset(token)
-
 
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How `compress` / `compressed` call `remat_compress`; shared by the linen and NNX paths.
 
   Attributes:
-    policy: the region's own policy (`use_policy` may override it at trace time).
+    policy: the region's own policy (`jact.use_policy` overrides it at trace time).
     static_argnums: positional arguments of the decorated function or method, counted as written
       (`self` is 0 for methods and module classes), that are passed as they are.
     group_size, min_size, rounding: as in `remat_compress`.
@@ -110,7 +86,7 @@ class Options:
         that `static_argnums` (counted there) can be found among them.
 
     Returns:
-      The wrapped function, with the policy current at this call.
+      The wrapped function.
     """
     positions = list(positions)
     static = []
@@ -120,9 +96,7 @@ class Options:
                          f"not a positional argument of this call (it has positions {positions}; "
                          "a module itself is never static).")
       static.append(num_state + positions.index(argnum))
-    override = _policy_override.get()
-    policy = self.policy if override is None else override
-    return remat_compress(fun, policy, keep_argnums=tuple(range(num_state)),
+    return remat_compress(fun, self.policy, keep_argnums=tuple(range(num_state)),
                           static_argnums=tuple(static), group_size=self.group_size,
                           min_size=self.min_size, rounding=self.rounding, name=name)
 
@@ -133,6 +107,16 @@ def with_arg_names(fun: Callable, state_names: Sequence[str], source: Callable,
 
   `remat_compress` names input residuals after the wrapped function's parameters; this keeps the
   user's names (`Block_3/x`) for the arguments that pass through a pure wrapper.
+
+  Args:
+    fun: the pure wrapper, `fun(*state, *args)`; its `__signature__` is set.
+    state_names: names of its leading state arguments.
+    source: the user's function or method whose parameter names the later arguments take.
+    positions: the position in `source` of each later argument (a name that is not positional
+      there, or clashes with a state name, becomes `arg<position>`).
+
+  Returns:
+    `fun`.
   """
   try:
     params = list(inspect.signature(source).parameters.values())
@@ -211,7 +195,7 @@ def compressed(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
     target: a linen Module class (its `__call__` is compressed) or a method taking the module as
       its first argument (use as a decorator in the class body, above `@nn.compact`). Without
       it, returns a decorator.
-    bits: an int width or a policy (see `remat_compress`); `use_policy` overrides it.
+    bits: an int width or a policy (see `remat_compress`); `jact.use_policy` overrides it.
     static_argnums: arguments passed as they are (flags such as `train`), counted as in
       `nn.remat`: `self` is argument 0.
     group_size, min_size, rounding: as in `remat_compress`.
@@ -278,7 +262,7 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
 
   Args:
     target: what to compress; without it, returns a decorator.
-    bits: an int width or a policy; `use_policy` overrides it at trace time.
+    bits: an int width or a policy; `jact.use_policy` overrides it at trace time.
     static_argnums: positional arguments passed as they are, counted as written (`self` is 0
       for methods and module classes).
     group_size, min_size, rounding: as in `remat_compress`.

@@ -186,15 +186,15 @@ def test_use_policy_overrides_bits_of_built_model(linen_setup):
 
   assert set(compressible_bits(jact.residuals(loss, variables["params"])).values()) == {32}
   policy = jact.policies.by_name({"Net/AttentionBlock_0/*": 8, "*": 2})
-  with jact.flax.use_policy(policy):
+  with jact.use_policy(policy):
     bits = compressible_bits(jact.residuals(loss, variables["params"]))
   assert bits and all(b == (8 if n.startswith("Net/AttentionBlock_0/") else 2) for n, b in bits.items())
-  with jact.flax.use_policy(None):  # no override: each region's own bits
+  with jact.use_policy(None):  # no override: each region's own bits
     assert set(compressible_bits(jact.residuals(loss, variables["params"])).values()) == {32}
 
   @functools.partial(jax.jit, static_argnames="policy")
   def step(params, policy=None):
-    with jact.flax.use_policy(policy):
+    with jact.use_policy(policy):
       return jax.grad(loss)(params)
 
   _assert_trees_close(step(variables["params"]), grads, FLOAT32_RTOL)
@@ -481,8 +481,6 @@ def test_unsupported_policy_bits_surface_with_residual_name(linen_setup):
         variables["params"])
   with pytest.raises(ValueError, match="bits=3"):
     jact.flax.compress(nn.Dense, bits=3)
-  with pytest.raises(ValueError, match="bits=3"):
-    jact.flax.use_policy(3).__enter__()
 
 
 def test_static_argnums_naming_the_module_is_an_error():
