@@ -5,9 +5,10 @@ dominate training memory. jact stores them compressed (1-8 bits per value, per-g
 stochastic rounding) and restores them in the backward pass, as composable function transforms.
 """
 
-from jact import memory, policies
+from jact import memory, nnx, policies
 from jact._context import use_policy
 from jact.codec import QuantizedArray, dequantize, quantize
+from jact.flax import compress, compressed
 from jact.info import ResidualInfo, ResidualTable
 from jact.introspect import residuals
 from jact.sensitivity import calibrate
@@ -16,6 +17,6 @@ from jact.transform import remat_compress
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantizedArray", "ResidualInfo", "ResidualTable", "calibrate", "dequantize", "memory", "policies",
-    "quantize", "remat_compress", "residuals", "use_policy",
+    "QuantizedArray", "ResidualInfo", "ResidualTable", "calibrate", "compress", "compressed", "dequantize",
+    "memory", "nnx", "policies", "quantize", "remat_compress", "residuals", "use_policy",
 ]

@@ -113,3 +113,50 @@ def current_scope() -> list[str]:
   """The named scopes active at the caller."""
   stack = getattr(source_info_util.current_name_stack(), "stack", ())
   return [e.name for e in stack if type(e).__name__ == "Scope"]
+
+
+# Primitives whose outputs are linear in their inputs (a sum of each input's contribution), and
+# those bilinear in their two operands. Used to find residuals that the backward pass uses
+# non-polynomially (as a divisor, inside a transcendental function): their rounding noise is not
+# averaged out by stochastic rounding and grows with the noise's size relative to the value.
+LINEAR = frozenset("""
+add add_any sub neg reshape transpose broadcast_in_dim reduce_sum convert_element_type copy copy_p
+squeeze expand_dims slice dynamic_slice concatenate pad reduce_precision rev cumsum select_and_scatter_add
+symbolic_zeros zeros_like mul_zero real imag conj
+""".split())
+BILINEAR = frozenset("mul dot_general conv_general_dilated".split())
+_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+POLYNOMIAL, NONLINEAR = 2, 3
+
+
+def degrees(jaxpr, input_degrees: Sequence[int]) -> list[int]:
+  """Degree of each output in the inputs marked with degree 1: 0, 1 (linear), POLYNOMIAL (2 or
+  more: products of marked values) or NONLINEAR (anything else)."""
+  degree: dict[Var, int] = {v: 0 for v in jaxpr.constvars}
+  degree.update(zip(jaxpr.invars, input_degrees))
+  read = lambda v: 0 if is_literal(v) else degree.get(v, 0)
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if not any(ins):
+      outs = [0] * len(eqn.outvars)
+    elif name in LINEAR:
+      outs = [max(ins)] * len(eqn.outvars)
+    elif name in BILINEAR:
+      outs = [max(ins) if max(ins) == NONLINEAR else min(sum(ins), POLYNOMIAL)] * len(eqn.outvars)
+    elif name == "div":
+      outs = [ins[0] if ins[1] == 0 else NONLINEAR]
+    elif name == "select_n":
+      outs = [max(ins[1:]) if ins[0] == 0 else NONLINEAR]
+    elif name in ("gather", "dynamic_update_slice", "scatter-add", "scatter_add"):
+      outs = [max(ins)] * len(eqn.outvars) if all(d == 0 for d in ins[1:2]) or name != "gather" else [NONLINEAR]
+    else:
+      inner = next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params), None)
+      inner = getattr(inner, "jaxpr", inner)
+      if inner is not None and hasattr(inner, "eqns") and len(inner.invars) == len(ins):
+        outs = degrees(inner, ins)
+      else:
+        outs = [NONLINEAR] * len(eqn.outvars)
+    for v, d in zip(eqn.outvars, outs):
+      degree[v] = d
+  return [read(v) for v in jaxpr.outvars]

@@ -40,10 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jact import hashing
+from jact.kernels import formulas  # the arithmetic shared with the Pallas kernels
 
 PACKED_BITS = (1, 2, 4, 8)
 SUPPORTED_BITS = PACKED_BITS + (16, 32)
 ROUNDINGS = ("stochastic", "nearest")
+KERNELS = ("auto", "pallas", "xla")
 FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 GROUP_SIZE_QUANTUM = 64  # group_size must be a multiple: one byte at 1 bit, room for a float64
 METADATA_BITS_PER_GROUP = 32  # (lo, hi) in bfloat16
@@ -197,50 +199,55 @@ class QuantizedArray:
             f"group_size={self.group_size}, nbytes={self.nbytes})")
 
 
-# Rounding of the metadata to bfloat16 in a chosen direction, so that the stored grid always
-# covers the group: lo rounds down and hi rounds up.
-def _bf16_toward(value: jax.Array, direction: float) -> jax.Array:
-  rounded = value.astype(jnp.float32).astype(jnp.bfloat16)
-  back = rounded.astype(value.dtype)
-  wrong_side = back > value if direction < 0 else back < value
-  return jnp.where(wrong_side, jnp.nextafter(rounded, jnp.bfloat16(direction * jnp.inf)), rounded)
-
-
 def _compute_dtype(dtype) -> np.dtype:
   return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _pack(codes: jax.Array, bits: int) -> jax.Array:
   """uint8 codes (..., n) each < 2**bits -> (..., n * bits // 8) bytes, low bits first."""
-  if bits == 8:
-    return codes
   per_byte = 8 // bits
-  codes = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // per_byte, per_byte))
-  shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)
-  return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint8)  # disjoint bits: sum == or
+  return formulas.pack_codes(codes.reshape(codes.shape[:-1] + (codes.shape[-1] // per_byte, per_byte)), bits)
 
 
 def _unpack(payload: jax.Array, bits: int) -> jax.Array:
-  if bits == 8:
-    return payload
-  shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)
-  codes = (payload[..., None] >> shifts) & jnp.uint8(2**bits - 1)
+  codes = formulas.unpack_codes(payload, bits)
   return codes.reshape(payload.shape[:-1] + (payload.shape[-1] * (8 // bits),))
 
 
+# A constant group's exact value in its payload bytes. The kernels' shift-and-mask form covers
+# 32-bit words; float64 (reference path only) uses a bitcast.
 def _value_bytes(values: jax.Array, width: int) -> jax.Array:
-  """Per-group exact values -> (..., width) bytes: their bit pattern, zero-padded."""
+  if jnp.dtype(values.dtype).itemsize <= 4:
+    return formulas.value_bytes(values, width)
   raw = jax.lax.bitcast_convert_type(values, jnp.uint8)
   return jnp.pad(raw, [(0, 0)] * values.ndim + [(0, width - raw.shape[-1])])
 
 
 def _bytes_value(payload: jax.Array, dtype) -> jax.Array:
   itemsize = jnp.dtype(dtype).itemsize
+  if itemsize <= 4:
+    return formulas.bytes_value(payload, dtype)
   return jax.lax.bitcast_convert_type(payload[..., :itemsize], dtype)
 
 
+def check_kernel(kernel: Any) -> str:
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel={kernel!r} is not supported; use one of {KERNELS}.")
+  return kernel
+
+
+def _use_pallas(kernel: str, dtype, bits: int, group_size: int) -> bool:
+  """Whether to run the fused Pallas kernel: always for "pallas", on a GPU when it applies for "auto"."""
+  if check_kernel(kernel) == "xla":
+    return False
+  from jact import kernels  # imported lazily: it imports this module
+  if kernel == "pallas":
+    return True
+  return jax.default_backend() == "gpu" and kernels.supports(dtype, bits, group_size)
+
+
 def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str = "stochastic",
-             seed: int | jax.Array = 0) -> QuantizedArray:
+             seed: int | jax.Array = 0, kernel: str = "auto") -> QuantizedArray:
   """Compresses a float array to `bits` per value.
 
   Args:
@@ -251,6 +258,9 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
       error, biased).
     seed: int or uint32 scalar (may be traced) selecting the stochastic rounding noise. The same
       seed and input give bitwise identical codes; different seeds give independent noise.
+    kernel: "auto" (the fused Pallas kernel on GPU, this jax.numpy code elsewhere), "pallas"
+      (Pallas everywhere, interpreted off GPU; float16/bfloat16/float32, power-of-two group
+      sizes) or "xla" (this code). Both produce the same bits.
 
   Returns:
     A `QuantizedArray` whose `nbytes` is `n * bits / 8` plus 4 bytes per group.
@@ -265,20 +275,18 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
     return QuantizedArray(x, None, None, shape, dtype, bits, group_size)
   if bits == 16:
     return QuantizedArray(x.astype(jnp.bfloat16), None, None, shape, dtype, bits, group_size)
+  if _use_pallas(kernel, dtype, bits, group_size):
+    from jact import kernels
+    return kernels.quantize_pallas(x, bits, group_size, rounding, seed)
   payload, lo, hi = _quantize_packed(x, jnp.asarray(seed, jnp.uint32), bits, group_size, rounding)
   return QuantizedArray(payload, lo, hi, shape, dtype, bits, group_size)
 
 
 def _grid(values: jax.Array, bits: int):
   """Per-group (lo', hi', levels / (hi' - lo'), constant) of grouped `values` (see the module doc)."""
-  compute = values.dtype
-  lo_exact = jnp.min(values, axis=-1)
-  hi_exact = jnp.max(values, axis=-1)
-  constant = lo_exact == hi_exact  # False for NaN groups
-  lo = _bf16_toward(lo_exact, -1.0)
-  hi = jnp.where(constant, lo, _bf16_toward(hi_exact, +1.0))
-  scale = (2**bits - 1) / jnp.maximum(hi.astype(compute) - lo.astype(compute), compute.type(MIN_RANGE))
-  return lo, hi, scale, constant
+  lo_exact, hi_exact = formulas.group_min_max(values, axes=(-1,))
+  lo, hi, constant = formulas.group_bounds(lo_exact, hi_exact)
+  return lo, hi, formulas.grid_scale(lo, hi, 2**bits - 1, MIN_RANGE), constant
 
 
 # Jitted so that the many same-shaped residuals of a deep network share one trace and lowering.
@@ -289,13 +297,12 @@ def _quantize_packed(x: jax.Array, seed: jax.Array, bits: int, group_size: int, 
   groups = layout.to_groups(x)
   values = groups.astype(compute)
   lo, hi, scale, constant = _grid(values, bits)
-  scaled = (values - lo.astype(compute)[..., None]) * scale[..., None]
   if rounding == "stochastic":
     index = jnp.arange(layout.num_groups * group_size, dtype=jnp.uint32).reshape(groups.shape)
     noise = hashing.uniform(hashing.seed_key(seed), index, hashing.value_bits(groups), compute.type)
   else:
     noise = compute.type(0.5)
-  codes = jnp.clip(jnp.floor(scaled + noise), 0, 2**bits - 1).astype(jnp.uint8)
+  codes = formulas.quantize_codes(values, lo[..., None], scale[..., None], noise, 2**bits - 1)
   payload = _pack(codes, bits)
   # The first element's bits, not a computed value: exact even for subnormals that arithmetic flushes.
   payload = jnp.where(constant[..., None], _value_bytes(groups[..., 0], payload.shape[-1]), payload)
@@ -327,8 +334,10 @@ def rounding_variance(x: jax.Array, bits: int, group_size: int = 256) -> jax.Arr
   return layout.from_groups(variance)
 
 
-def dequantize(q: QuantizedArray) -> jax.Array:
+def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
   """Restores an array of `q.shape` and `q.dtype` from a `QuantizedArray`.
+
+  `kernel` chooses the implementation as in `quantize`; any of them decodes any codes.
 
   Leading axes that the leaves carry beyond the stored layout (from `vmap` over `quantize`) are
   treated as batch axes and kept in front.
@@ -339,16 +348,17 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     return q.payload
   if q.bits == 16:
     return q.payload.astype(q.dtype)
+  if _use_pallas(kernel, q.dtype, q.bits, q.group_size):
+    from jact import kernels
+    return kernels.dequantize_pallas(q)
   return _dequantize_packed(q.payload, q.lo, q.hi, q.shape, jnp.dtype(q.dtype), q.bits, q.group_size)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _dequantize_packed(payload, lo, hi, shape, dtype, bits: int, group_size: int) -> jax.Array:
   layout = Layout.of(shape, group_size)
-  compute = _compute_dtype(dtype)
-  codes = _unpack(payload, bits).astype(compute)
-  lo = lo.astype(compute)[..., None]
-  hi = hi.astype(compute)[..., None]
-  values = lo + codes * ((hi - lo) / (2**bits - 1))
-  exact = _bytes_value(payload, dtype).astype(compute)[..., None]
-  return layout.from_groups(jnp.where(lo == hi, exact, values).astype(dtype))
+  codes = _unpack(payload, bits).astype(jnp.float32)
+  lo, hi = lo.astype(jnp.float32)[..., None], hi.astype(jnp.float32)[..., None]
+  values = formulas.decode_codes(codes, lo, hi, 2**bits - 1).astype(dtype)
+  exact = _bytes_value(payload, dtype)[..., None]
+  return layout.from_groups(jnp.where(lo == hi, exact, values))

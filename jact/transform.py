@@ -44,6 +44,7 @@ class _Config:
   group_size: int
   min_size: int
   rounding: str
+  kernel: str = "auto"
 
 
 # --- residual analysis -------------------------------------------------------------------------
@@ -106,12 +107,36 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   bwd = jax.make_jaxpr(lambda res, cts: jax.tree.unflatten(vjp_tree[0], res)(cts))(
       [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in res_avals],
       [_tangent_aval(a) for a in out_avals])
-  residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config)
+  residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config,
+                                  _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]))
   return _Plan(fwd, bwd, num_outs, residuals, leaf_ids)
 
 
+def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
+  """Forward atoms of residuals that the backward pass uses non-polynomially (as a divisor, say).
+
+  Stochastic rounding keeps the gradient unbiased when it is linear in a residual, and nearly so
+  when polynomial (products of independent rounding errors average out; only an element's error
+  times itself does not). As a divisor, a residual's rounding error is amplified where the value
+  is small relative to its group's range, biasing the gradient: such residuals are kept.
+  """
+  positions: dict[Any, list[int]] = {}
+  for i, atom in enumerate(residual_atoms):
+    if not _jaxpr.is_literal(atom):
+      positions.setdefault(atom, []).append(i)
+  num_in = len(bwd_jaxpr.invars)
+  out = set()
+  for atom, where in positions.items():
+    if not jnp.issubdtype(atom.aval.dtype, jnp.floating):
+      continue
+    marked = [1 if i in where else 0 for i in range(num_in)]
+    if max(_jaxpr.degrees(bwd_jaxpr, marked), default=0) == _jaxpr.NONLINEAR:
+      out.add(atom)
+  return out
+
+
 def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str], scope: str,
-              config: _Config) -> tuple[list[_Residual], list[int]]:
+              config: _Config, nonlinear: set) -> tuple[list[_Residual], list[int]]:
   deps = _jaxpr.dependence(jaxpr, [frozenset({k}) for k in kinds])
   producer_index = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
   producers = _jaxpr.producers(jaxpr)
@@ -137,9 +162,12 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       eqn = producers.get(atom)
       primitive = eqn.primitive.name if eqn is not None else None
       scopes = _jaxpr.scope_names(eqn) if eqn is not None else []
+      chain = [name for name in scopes if _chains.is_chain_scope(name)]
+      inner = [name for name in scopes if not _chains.is_chain_scope(name)]
+      if inner and inner[0] == scope.rsplit("/", 1)[-1]:  # Flax re-enters the module's own scope
+        inner = inner[1:]
       # A rewritten elementwise chain stores its derivative (see _chains).
-      kind = "derivative" if scopes and _chains.is_chain_scope(scopes[-1]) else primitive or "const"
-      path = "/".join(scopes + [kind])
+      path = "/".join(inner + chain[-1:] + ["derivative" if chain else primitive or "const"])
       count = counters.get(path, 0)
       counters[path] = count + 1
       label = f"{path}{count}"
@@ -149,7 +177,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=np.dtype(aval.dtype),
                         source=source, is_argument=is_argument, primitive=primitive,
                         group_size=config.group_size)
-    info = _choose_bits(info, config)
+    info = _choose_bits(info, config, used_nonlinearly=not _jaxpr.is_literal(atom) and atom in nonlinear)
     if _jaxpr.is_literal(atom):
       ready = -1
     else:
@@ -160,13 +188,15 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
   return residuals, leaf_ids
 
 
-def _choose_bits(info: ResidualInfo, config: _Config) -> ResidualInfo:
+def _choose_bits(info: ResidualInfo, config: _Config, used_nonlinearly: bool) -> ResidualInfo:
   if info.source in (info_lib.PARAMETER, info_lib.CONSTANT):
     return dataclasses.replace(info, kept_because=info.source)
   if not jnp.issubdtype(info.dtype, jnp.floating):
     return dataclasses.replace(info, kept_because="not floating point")
   if info.size < config.min_size:
     return dataclasses.replace(info, kept_because=f"< min_size={config.min_size}")
+  if used_nonlinearly:
+    return dataclasses.replace(info, kept_because="nonlinear in backward")
   bits = config.policy(info)
   try:
     bits = codec.check_bits(bits, what="bits")
@@ -198,7 +228,7 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
     for uid in ready.get(index, ()):
       r = plan.residuals[uid]
       pending.append((uid, codec.quantize(env.read(r.atom), r.info.bits, config.group_size,
-                                          config.rounding, seed=_residual_seed(seed, uid))))
+                                          config.rounding, seed=_residual_seed(seed, uid), kernel=config.kernel)))
 
   def tie(values: list[Any]) -> list[Any]:
     """Makes `values` available only after every pending quantisation is done."""
@@ -227,7 +257,7 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   return outs, stored
 
 
-def _run_backward(plan: _Plan, stored: Sequence[Any], cts: Sequence[Any]):
+def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequence[Any]):
   jaxpr = plan.bwd.jaxpr
   num_res = len(plan.leaf_ids)
   env = _jaxpr.bind_inputs(jaxpr, plan.bwd.consts, [None] * num_res + list(cts))
@@ -259,7 +289,7 @@ def _run_backward(plan: _Plan, stored: Sequence[Any], cts: Sequence[Any]):
       for k, value in zip(tie_positions, tied):
         invals[k] = value
     for uid, q in zip(need, codes):
-      restore(uid, codec.dequantize(q))
+      restore(uid, codec.dequantize(q, kernel=config.kernel))
       waiting.discard(uid)
 
   for eqn in jaxpr.eqns:
@@ -328,7 +358,7 @@ class _Traced:
       return outs, _Stored(stored, plan)
 
     def core_bwd(res, cts):
-      grads = _run_backward(res.plan, res.arrays, list(cts))
+      grads = _run_backward(res.plan, config, res.arrays, list(cts))
       return (np.zeros((), jax.dtypes.float0), *grads)
 
     core.defvjp(core_fwd, core_bwd)
@@ -354,7 +384,7 @@ class _Traced:
     def probed_bwd(res, cts):
       stored, deltas = res
       perturbed = [a if d is None else a + d.astype(a.dtype) for a, d in zip(stored.arrays, deltas)]
-      grads = _run_backward(stored.plan, perturbed, list(cts))
+      grads = _run_backward(stored.plan, config, perturbed, list(cts))
       return (np.zeros((), jax.dtypes.float0), jax.tree.map(jnp.zeros_like, deltas), *grads)
 
     probed.defvjp(probed_fwd, probed_bwd)
@@ -460,7 +490,7 @@ def _check_argnums(argnums, what: str) -> tuple[int, ...]:
 def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2, *,
                    keep_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
                    group_size: int = DEFAULT_GROUP_SIZE, min_size: int = DEFAULT_MIN_SIZE,
-                   rounding: str = "stochastic", name: str | None = None) -> Callable:
+                   rounding: str = "stochastic", kernel: str = "auto", name: str | None = None) -> Callable:
   """Makes `fun` store its autodiff residuals compressed, like `jax.checkpoint` makes it recompute them.
 
   `remat_compress(f)(*args)` computes the same value as `f(*args)`. When it is differentiated in
@@ -501,6 +531,8 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
     group_size: elements sharing one scale; a positive multiple of 64.
     min_size: residuals with fewer elements are kept as they are.
     rounding: "stochastic" (unbiased) or "nearest".
+    kernel: the codec's implementation: "auto" (fused Pallas kernels on GPU, jax.numpy elsewhere),
+      "pallas" or "xla"; see `jact.quantize`.
     name: the scope of residual names (default: `fun.__name__`).
 
   Returns:
@@ -512,7 +544,7 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   if fun is None:
     return functools.partial(remat_compress, bits=bits, keep_argnums=keep_argnums,
                              static_argnums=static_argnums, group_size=group_size, min_size=min_size,
-                             rounding=rounding, name=name)
+                             rounding=rounding, kernel=kernel, name=name)
   if not callable(fun):
     raise TypeError(f"remat_compress expects a callable, got {type(fun).__name__}.")
   keep_argnums = _check_argnums(keep_argnums, "keep_argnums")
@@ -520,7 +552,7 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
     raise ValueError(f"min_size={min_size!r} must be a non-negative int (a number of elements).")
   config = _Config(policies.resolve(bits), codec.check_group_size(group_size), int(min_size),
-                   codec.check_rounding(rounding))
+                   codec.check_rounding(rounding), codec.check_kernel(kernel))
   base_scope = name or getattr(fun, "__name__", type(fun).__name__)
 
   @functools.wraps(fun)
