@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jact import _jaxpr
+from jact import _jaxpr, _pooling
 
 ELEMENTWISE = frozenset("""
 neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan
@@ -153,15 +153,16 @@ def rewrite(jaxpr, chain: Chain, index: int):
   @fused.defjvp
   def fused_jvp(primals, tangents):
     (s,), (t,) = primals, tangents
-    with jax.named_scope(chain_scope(index)):
-      outs, derivatives = jax.jvp(fused.fun, (s,), (jnp.ones_like(s),))
+    outs = fused.fun(s)
+    with jax.named_scope(chain_scope(index)):  # names the stored derivatives (XLA merges the primal)
+      _, derivatives = jax.jvp(fused.fun, (s,), (jnp.ones_like(s),))
     return outs, [d * t for d in derivatives]
 
   return fused
 
 
 def eval_jaxpr(jaxpr, chains: Sequence[Chain], consts: Sequence[Any], *args) -> list[Any]:
-  """Evaluates `jaxpr` with each chain replaced by its rewritten form."""
+  """Evaluates `jaxpr` with each chain, and each max-pooling (`_pooling`), rewritten."""
   env = _jaxpr.bind_inputs(jaxpr, consts, args)
   start = {c.members[0]: (k, c) for k, c in enumerate(chains)}
   replaced = {i for c in chains for i in c.members}
@@ -170,7 +171,11 @@ def eval_jaxpr(jaxpr, chains: Sequence[Chain], consts: Sequence[Any], *args) -> 
       k, chain = start[i]
       for var, value in zip(chain.outputs, rewrite(jaxpr, chain, k)(env.read(chain.source))):
         env.write(var, value)
-    if i not in replaced:
+    if i in replaced:
+      continue
+    if _pooling.applies(eqn):
+      env.write(eqn.outvars[0], _pooling.rewrite(eqn)(env.read(eqn.invars[0])))
+    else:
       for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, [env.read(v) for v in eqn.invars])):
         env.write(var, value)
   return [env.read(v) for v in jaxpr.outvars]

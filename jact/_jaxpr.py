@@ -121,7 +121,7 @@ def current_scope() -> list[str]:
 # averaged out by stochastic rounding and grows with the noise's size relative to the value.
 LINEAR = frozenset("""
 add add_any sub neg reshape transpose broadcast_in_dim reduce_sum convert_element_type copy copy_p
-squeeze expand_dims slice dynamic_slice concatenate pad reduce_precision rev cumsum select_and_scatter_add
+squeeze expand_dims slice dynamic_slice concatenate pad reduce_precision rev cumsum
 symbolic_zeros zeros_like mul_zero real imag conj
 """.split())
 BILINEAR = frozenset("mul dot_general conv_general_dilated".split())
@@ -148,6 +148,8 @@ def degrees(jaxpr, input_degrees: Sequence[int]) -> list[int]:
       outs = [ins[0] if ins[1] == 0 else NONLINEAR]
     elif name == "select_n":
       outs = [max(ins[1:]) if ins[0] == 0 else NONLINEAR]
+    elif name in ("select_and_scatter_add", "select_and_gather_add"):  # (values, selector)
+      outs = [ins[0] if ins[1] == 0 else NONLINEAR]
     elif name in ("gather", "dynamic_update_slice", "scatter-add", "scatter_add"):
       outs = [max(ins)] * len(eqn.outvars) if all(d == 0 for d in ins[1:2]) or name != "gather" else [NONLINEAR]
     else:

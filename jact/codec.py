@@ -284,7 +284,7 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
 
 def _grid(values: jax.Array, bits: int):
   """Per-group (lo', hi', levels / (hi' - lo'), constant) of grouped `values` (see the module doc)."""
-  lo_exact, hi_exact = formulas.group_min_max(values, axes=(-1,))
+  lo_exact, hi_exact = formulas.group_min_max_xla(values)
   lo, hi, constant = formulas.group_bounds(lo_exact, hi_exact)
   return lo, hi, formulas.grid_scale(lo, hi, 2**bits - 1, MIN_RANGE), constant
 

@@ -48,7 +48,12 @@ def value_bits(x: jax.Array) -> jax.Array:
 
 
 def uniform(key: jax.Array, index: jax.Array, bits: jax.Array, dtype) -> jax.Array:
-  """Uniform noise in [0, 1) with 24 random bits, from a key, element indices and element bits."""
-  h = fmix32(index.astype(jnp.uint32) * _GOLDEN ^ key)
-  h = fmix32(h ^ bits)
+  """Uniform noise in [0, 1) with 24 random bits, from a key, element indices and element bits.
+
+  The element's bits enter first: a first round on (index, key) alone would not depend on the
+  activations, and XLA would compute it for every residual at the start of the step and keep a
+  uint32 per element alive until each residual is quantised.
+  """
+  h = fmix32(bits ^ key)
+  h = fmix32(h ^ index.astype(jnp.uint32) * _GOLDEN)
   return (h >> 8).astype(dtype) * dtype(2.0**-24)

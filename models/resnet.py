@@ -78,6 +78,23 @@ class Bottleneck(_ResidualBlock):
     return nn.relu(y + self.shortcut(x))
 
 
+class Stem(nn.Module):
+  """7x7/2 convolution, BatchNorm, ReLU and 3x3/2 max-pool: the largest activations of a ResNet,
+  so it is wrapped like the blocks."""
+
+  num_filters: int = 64
+  train: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = nn.Conv(self.num_filters, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False,
+                dtype=self.dtype, name="conv")(images)
+    x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, name="norm")(x)
+    return nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=_PAD_3X3)
+
+
 class ResNet(nn.Module):
   """An image classifier: 7x7/2 stem, max-pool, four stages of residual blocks, pool, linear head.
 
@@ -89,8 +106,8 @@ class ResNet(nn.Module):
     width_factor: widens the inside of every block (wide ResNets).
     train: BatchNorm mode.
     dtype: computation dtype (parameters stay float32).
-    wrap_block: class transform applied to `block_cls` (e.g. `nn.remat`); blocks are named
-      `stage{s}_block{b}`, counting from 1 and 0.
+    wrap_block: class transform applied to the stem and to `block_cls` (e.g. `nn.remat`); the
+      stem is named `stem`, blocks `stage{s}_block{b}`, counting from 1 and 0.
   """
 
   stage_sizes: Sequence[int]
@@ -105,11 +122,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """Maps images [batch, height, width, channels] to logits [batch, num_classes]."""
-    x = nn.Conv(self.num_filters, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name="stem_conv")(images)
-    x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="stem_norm")(x)
-    x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=_PAD_3X3)
+    x = wrap(Stem, self.wrap_block)(self.num_filters, self.train, self.dtype, name="stem")(images)
     block_cls = wrap(self.block_cls, self.wrap_block)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):

@@ -31,8 +31,21 @@ _BF16_SIGN = np.uint16(0x8000)
 _BF16_MAGNITUDE = np.uint16(0x7FFF)
 
 
+def group_min_max_xla(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-group (min, max) over the last axis, NaN for a group holding a NaN, for XLA.
+
+  One variadic reduction whose minimum/maximum propagate NaN: a single pass and no temporary.
+  (`jnp.min` on XLA:CPU is a library reduction that drops NaN for rows of 512 or more; an
+  explicit NaN flag, as `group_min_max` has, costs a full-size integer temporary there.) Min and
+  max are exact, so both forms give the same values.
+  """
+  inf = np.array(np.inf, values.dtype)
+  return jax.lax.reduce((values, values), (inf, -inf),
+                        lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), (values.ndim - 1,))
+
+
 def group_min_max(values: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-  """Per-group float32 (min, max) over `axes`; NaN for a group holding a NaN."""
+  """Per-group float32 (min, max) over `axes`; NaN for a group holding a NaN (for kernels)."""
   axes = tuple(axes)
   has_nan = jnp.max(jnp.isnan(values).astype(jnp.int32), axis=axes) > 0
   lo = jnp.where(has_nan, np.float32(np.nan), jnp.min(values, axis=axes))
