@@ -55,6 +55,7 @@ class _Residual:
   atom: Any  # a jaxpr Var or Literal of the forward jaxpr
   info: ResidualInfo
   ready_after: int  # forward equation index after which it can be quantised (-1: at the start)
+  recomputed: bool = False  # rebuilt in the backward pass from parameters and constants
 
   @property
   def compressed(self) -> bool:
@@ -69,6 +70,8 @@ class _Plan:
   num_outs: int
   residuals: list[_Residual]  # distinct residuals
   leaf_ids: list[int]  # residual leaf position -> index into `residuals`
+  recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters) the recomputation reads
+  recompute_eqns: tuple[int, ...] = ()  # forward equations that rebuild the recomputed residuals
 
   @property
   def infos(self) -> list[ResidualInfo]:
@@ -109,7 +112,28 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
       [_tangent_aval(a) for a in out_avals])
   residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config,
                                   _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]))
-  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids)
+  inputs_needed, eqns_needed = _recomputation(fwd.jaxpr, [r.atom for r in residuals if r.recomputed])
+  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, inputs_needed, eqns_needed)
+
+
+def _recomputation(jaxpr, atoms) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The forward inputs and equations that compute `atoms` (values of parameters and constants).
+
+  Such values -- a transposed weight, a broadcast zero, a dropout mask drawn from a key -- cost
+  nothing to rebuild from parameters that are alive anyway, while storing them would keep a
+  buffer alive from the forward to the backward pass.
+  """
+  producer = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
+  invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
+  inputs, eqns, stack = set(), set(), list(atoms)
+  while stack:
+    v = stack.pop()
+    if v in invar_index:
+      inputs.add(invar_index[v])
+    elif v in producer and producer[v] not in eqns:
+      eqns.add(producer[v])
+      stack.extend(u for u in jaxpr.eqns[producer[v]].invars if not _jaxpr.is_literal(u))
+  return tuple(sorted(inputs)), tuple(sorted(eqns))
 
 
 def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
@@ -184,7 +208,9 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       ready = max(producer_index.get(atom, -1), last_use.get(atom, -1))
       seen[atom] = len(residuals)
     leaf_ids.append(len(residuals))
-    residuals.append(_Residual(atom, info, ready))
+    recomputed = (source in (info_lib.PARAMETER, info_lib.CONSTANT) and not is_argument
+                  and not _jaxpr.is_literal(atom))
+    residuals.append(_Residual(atom, info, ready, recomputed))
   return residuals, leaf_ids
 
 
@@ -252,12 +278,35 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   if pending:
     outs = tie(outs)
   for uid, r in enumerate(plan.residuals):
-    if stored[uid] is None and not _jaxpr.is_literal(r.atom):
+    if stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed:
       stored[uid] = env.read(r.atom)
-  return outs, stored
+  return outs, stored + [inputs[i] for i in plan.recompute_inputs]
+
+
+def _recompute(plan: _Plan, parameters: Sequence[Any]) -> dict[Any, Any]:
+  """The recomputed residuals' values, from the parameters the forward pass handed over."""
+  fwd = plan.fwd.jaxpr
+  env = _jaxpr.bind_inputs(fwd, plan.fwd.consts, [])
+  for i, value in zip(plan.recompute_inputs, parameters):
+    env.write(fwd.invars[i], value)
+  for i in plan.recompute_eqns:
+    eqn = fwd.eqns[i]
+    for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, [env.read(v) for v in eqn.invars])):
+      env.write(var, value)
+  return {r.atom: env.read(r.atom) for r in plan.residuals if r.recomputed}
 
 
 def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequence[Any]):
+  """Input cotangents. Every stored array enters the computation through a barrier with the
+  cotangents that first need it, so that XLA cannot hoist work on it (dequantisation, a layout
+  copy of a weight, a recomputation) to the start of the backward pass and keep the result alive."""
+  fallback_tie = [c for c in cts if jnp.issubdtype(jnp.result_type(c), jnp.inexact)]
+  num_stored = len(plan.residuals)
+  rebuilt = {}
+  if plan.recompute_eqns:
+    parameters, _ = jax.lax.optimization_barrier((list(stored[num_stored:]), fallback_tie))
+    rebuilt = _recompute(plan, parameters)
+  stored = stored[:num_stored]
   jaxpr = plan.bwd.jaxpr
   num_res = len(plan.leaf_ids)
   env = _jaxpr.bind_inputs(jaxpr, plan.bwd.consts, [None] * num_res + list(cts))
@@ -272,11 +321,12 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
 
   waiting = set()
   for uid, r in enumerate(plan.residuals):
-    if isinstance(stored[uid], codec.QuantizedArray):
-      waiting.add(uid)
+    if r.recomputed:
+      restore(uid, rebuilt[r.atom])
+    elif _jaxpr.is_literal(r.atom):
+      restore(uid, r.atom.val)
     else:
-      restore(uid, r.atom.val if _jaxpr.is_literal(r.atom) else stored[uid])
-  fallback_tie = [c for c in cts if jnp.issubdtype(jnp.result_type(c), jnp.inexact)]
+      waiting.add(uid)
 
   def restore_for(atoms: Sequence[Any], invals: list[Any] | None):
     need = sorted({uid_of[v] for v in atoms if not _jaxpr.is_literal(v) and uid_of.get(v) in waiting})
@@ -288,8 +338,10 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
     if invals is not None and tie_positions:
       for k, value in zip(tie_positions, tied):
         invals[k] = value
-    for uid, q in zip(need, codes):
-      restore(uid, codec.dequantize(q, kernel=config.kernel))
+    for uid, value in zip(need, codes):
+      if isinstance(value, codec.QuantizedArray):
+        value = codec.dequantize(value, kernel=config.kernel)
+      restore(uid, value)
       waiting.discard(uid)
 
   for eqn in jaxpr.eqns:
@@ -384,6 +436,7 @@ class _Traced:
     def probed_bwd(res, cts):
       stored, deltas = res
       perturbed = [a if d is None else a + d.astype(a.dtype) for a, d in zip(stored.arrays, deltas)]
+      perturbed += stored.arrays[len(deltas):]  # the parameters kept for recomputation
       grads = _run_backward(stored.plan, config, perturbed, list(cts))
       return (np.zeros((), jax.dtypes.float0), jax.tree.map(jnp.zeros_like, deltas), *grads)
 

@@ -132,13 +132,15 @@ def test_allocation_pays_where_sensitivities_differ():
   assert uniform >= 2 * calibrated, (uniform, calibrated)
 
 
-@pytest.mark.parametrize("method", ["jvp", "gact"])
-def test_estimators_agree(method):
+@pytest.mark.parametrize("method, bits", [("jvp", 2), ("gact", 1)])
+def test_estimators_agree(method, bits):
+  """At the width each measures: "jvp" probes 2-bit noise, "gact" measures 1-bit gradients (its
+  C / (2^b - 1)^2 extrapolation to other widths is its own, cruder, model)."""
   loss, params, x = mlp_model(scales=(2.0, 1.0, 0.5))
   vjp = jact.calibrate(loss(2), params, x, avg_bits=2, progress=False, num_probes=16)
   other = jact.calibrate(loss(2), params, x, avg_bits=2, method=method, progress=False, num_probes=16)
   for a, b in zip(vjp.residuals, other.residuals):
-    assert a.name == b.name and 1 / 1.6 < a.variance_at(2) / b.variance_at(2) < 1.6, (a.name, method)
+    assert a.name == b.name and 1 / 1.5 < a.variance_at(bits) / b.variance_at(bits) < 1.5, (a.name, method)
 
 
 def test_allocator_matches_brute_force():
