@@ -121,8 +121,8 @@ def current_scope() -> list[str]:
 # averaged out by stochastic rounding and grows with the noise's size relative to the value.
 LINEAR = frozenset("""
 add add_any sub neg reshape transpose broadcast_in_dim reduce_sum convert_element_type copy copy_p
-squeeze expand_dims slice dynamic_slice concatenate pad reduce_precision rev cumsum
-symbolic_zeros zeros_like mul_zero real imag conj
+squeeze expand_dims slice dynamic_slice concatenate pad reduce_precision rev cumsum split
+reduce_window_sum device_put symbolic_zeros zeros_like mul_zero real imag conj
 """.split())
 BILINEAR = frozenset("mul dot_general conv_general_dilated".split())
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
@@ -140,6 +140,8 @@ def degrees(jaxpr, input_degrees: Sequence[int]) -> list[int]:
     name = eqn.primitive.name
     if not any(ins):
       outs = [0] * len(eqn.outvars)
+    elif name == "optimization_barrier":  # identity, position by position
+      outs = ins
     elif name in LINEAR:
       outs = [max(ins)] * len(eqn.outvars)
     elif name in BILINEAR:

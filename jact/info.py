@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import numpy as np
 
 from jact import codec
@@ -33,6 +34,8 @@ class ResidualInfo:
     bits: the stored width (32: kept as is).
     group_size: the codec's group size.
     kept_because: why it is not compressed, when the policy was not asked ("" otherwise).
+    recomputed: a value of parameters and constants alone (a weight's layout, a dropout mask),
+      rebuilt in the backward pass rather than stored.
   """
   name: str
   shape: tuple[int, ...]
@@ -43,6 +46,7 @@ class ResidualInfo:
   bits: int = 32
   group_size: int = 256
   kept_because: str = ""
+  recomputed: bool = False
 
   @property
   def size(self) -> int:
@@ -51,16 +55,28 @@ class ResidualInfo:
   @property
   def nbytes(self) -> int:
     """Bytes of the full-precision residual."""
-    return self.size * np.dtype(self.dtype).itemsize
+    return self.size * itemsize(self.dtype)
 
   @property
   def stored_nbytes(self) -> int:
     """Bytes jact stores for it at `bits` (payload plus per-group metadata)."""
+    if self.recomputed:
+      return 0
+    if self.bits == 32:
+      return self.nbytes
     return codec.stored_nbytes(self.shape, self.dtype, self.bits, self.group_size)
 
   @property
   def compressed(self) -> bool:
     return self.bits != 32
+
+
+def itemsize(dtype) -> int:
+  """Bytes per element, typed PRNG keys included (their key data)."""
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+    return math.prod(data.shape) * data.dtype.itemsize
+  return np.dtype(dtype).itemsize
 
 
 def format_bytes(n: float) -> str:
@@ -88,8 +104,9 @@ class ResidualTable(list):
 
   def __str__(self) -> str:
     header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")
-    rows = [(r.name, "x".join(map(str, r.shape)) or "()", np.dtype(r.dtype).name,
-             r.source + (f" ({r.kept_because})" if r.kept_because not in ("", r.source) else ""), str(r.bits),
+    rows = [(r.name, "x".join(map(str, r.shape)) or "()", str(r.dtype),
+             r.source + (" (recomputed)" if r.recomputed else f" ({r.kept_because})"
+                         if r.kept_because not in ("", r.source) else ""), str(r.bits),
              format_bytes(r.nbytes), format_bytes(r.stored_nbytes)) for r in self]
     ratio = self.nbytes / self.stored_nbytes if self.stored_nbytes else float("nan")
     rows.append(("total", "", "", f"{len(self)} residuals", "", format_bytes(self.nbytes),

@@ -198,7 +198,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       tags = deps.get(atom, frozenset())
       source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags
                 else info_lib.PARAMETER if tags else info_lib.CONSTANT)
-    info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=np.dtype(aval.dtype),
+    info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
                         source=source, is_argument=is_argument, primitive=primitive,
                         group_size=config.group_size)
     info = _choose_bits(info, config, used_nonlinearly=not _jaxpr.is_literal(atom) and atom in nonlinear)
@@ -210,7 +210,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     leaf_ids.append(len(residuals))
     recomputed = (source in (info_lib.PARAMETER, info_lib.CONSTANT) and not is_argument
                   and not _jaxpr.is_literal(atom))
-    residuals.append(_Residual(atom, info, ready, recomputed))
+    residuals.append(_Residual(atom, dataclasses.replace(info, recomputed=recomputed), ready, recomputed))
   return residuals, leaf_ids
 
 

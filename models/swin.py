@@ -97,6 +97,19 @@ class SwinBlock(nn.Module):
     return jnp.roll(x, (self.shift_size, self.shift_size), axis=(1, 2))
 
 
+class PatchEmbed(nn.Module):
+  """4x4 patches embedded by a strided convolution, then LayerNorm: the first stage's input."""
+
+  patch_size: int = 4
+  embed_dim: int = 96
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = patch_embedding(self.patch_size, self.embed_dim, self.dtype)(images)
+    return nn.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
+
+
 class PatchMerging(nn.Module):
   """Halves the resolution, doubles the channels: 2x2 neighbours concatenated, normed, projected."""
 
@@ -124,7 +137,8 @@ class Swin(nn.Module):
     drop_path_rate: stochastic depth, rising linearly from 0 to this over all blocks.
     train: drop-path mode.
     dtype: computation dtype.
-    wrap_block: class transform applied to `SwinBlock`; blocks are named `stage{s}_block{b}`.
+    wrap_block: class transform applied to the patch embedding (`patch_embed`), `SwinBlock`
+      (`stage{s}_block{b}`) and `PatchMerging` (`stage{s}_merging`).
   """
 
   num_classes: int = 1000
@@ -142,13 +156,14 @@ class Swin(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """Maps images [batch, height, width, channels] to logits [batch, num_classes]."""
-    x = patch_embedding(self.patch_size, self.embed_dim, self.dtype)(images)
-    x = nn.LayerNorm(1e-5, dtype=self.dtype, name="patch_norm")(x)
+    x = wrap(PatchEmbed, self.wrap_block)(self.patch_size, self.embed_dim, self.dtype,
+                                          name="patch_embed")(images)
     drop_path_rates = iter(np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist())
     block_cls = wrap(SwinBlock, self.wrap_block)
+    merging_cls = wrap(PatchMerging, self.wrap_block)
     for stage, (depth, num_heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
       if stage > 0:
-        x = PatchMerging(self.dtype, name=f"stage{stage + 1}_merging")(x)
+        x = merging_cls(self.dtype, name=f"stage{stage + 1}_merging")(x)
       resolution = min(x.shape[1], x.shape[2])
       window_size = min(self.window_size, resolution)
       for index in range(depth):
