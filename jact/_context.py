@@ -82,6 +82,12 @@ def collecting() -> Iterator[list]:
 
 
 @contextlib.contextmanager
+def collecting_nothing() -> Iterator[None]:
+  with _replaced(regions=None):
+    yield
+
+
+@contextlib.contextmanager
 def probing(probe: Probe) -> Iterator[Probe]:
   with _replaced(probe=probe):
     yield probe

@@ -61,7 +61,7 @@ class Options:
     policy: the region's own policy (`jact.use_policy` overrides it at trace time).
     static_argnums: positional arguments of the decorated function or method, counted as written
       (`self` is 0 for methods and module classes), that are passed as they are.
-    group_size, min_size, rounding, kernel: as in `remat_compress`.
+    group_size, min_size, rounding, kernel, recompute: as in `remat_compress`.
   """
   policy: policies.Policy
   static_argnums: tuple[int, ...] = ()
@@ -69,12 +69,13 @@ class Options:
   min_size: int = DEFAULT_MIN_SIZE
   rounding: str = "stochastic"
   kernel: str = "auto"
+  recompute: bool = False
 
   @classmethod
   def create(cls, bits: policies.BitsOrPolicy, static_argnums: int | Sequence[int], group_size: int,
-             min_size: int, rounding: str, kernel: str = "auto") -> "Options":
+             min_size: int, rounding: str, kernel: str = "auto", recompute: bool = False) -> "Options":
     static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-    return cls(policies.resolve(bits), static_argnums, group_size, min_size, rounding, kernel)
+    return cls(policies.resolve(bits), static_argnums, group_size, min_size, rounding, kernel, recompute)
 
   def wrap(self, fun: Callable, *, name: str, num_state: int, positions: Sequence[int]) -> Callable:
     """`remat_compress` of `fun(*state, *args)`, with the `num_state` state arguments kept.
@@ -99,7 +100,8 @@ class Options:
       static.append(num_state + positions.index(argnum))
     return remat_compress(fun, self.policy, keep_argnums=tuple(range(num_state)),
                           static_argnums=tuple(static), group_size=self.group_size,
-                          min_size=self.min_size, rounding=self.rounding, kernel=self.kernel, name=name)
+                          min_size=self.min_size, rounding=self.rounding, kernel=self.kernel,
+                          recompute=self.recompute, name=name)
 
 
 def with_arg_names(fun: Callable, state_names: Sequence[str], source: Callable,
@@ -178,7 +180,8 @@ def _is_linen_class(target: Any) -> bool:
 def compressed(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
                static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
                min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-               kernel: str = "auto", name: str | None = None) -> Any:
+               kernel: str = "auto", recompute: bool = False,
+               name: str | None = None) -> Any:
   """Lifted `remat_compress` for Flax linen: like `nn.remat`, residuals are stored compressed.
 
   Example::
@@ -199,18 +202,18 @@ def compressed(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
     bits: an int width or a policy (see `remat_compress`); `jact.use_policy` overrides it.
     static_argnums: arguments passed as they are (flags such as `train`), counted as in
       `nn.remat`: `self` is argument 0.
-    group_size, min_size, rounding, kernel: as in `remat_compress`.
+    group_size, min_size, rounding, kernel, recompute: as in `remat_compress`.
     name: the module's component of residual names (default: the module's name, see the module
       docstring).
 
   Returns:
     A Module class with the same name and variable tree as `target`, or the wrapped method.
   """
-  options = Options.create(bits, static_argnums, group_size, min_size, rounding, kernel)
+  options = Options.create(bits, static_argnums, group_size, min_size, rounding, kernel, recompute)
   if target is None:
     return functools.partial(compressed, bits=bits, static_argnums=static_argnums,
                              group_size=group_size, min_size=min_size, rounding=rounding, kernel=kernel,
-                             name=name)
+                             recompute=recompute, name=name)
   if _is_linen_class(target):
     module_class = target.func if isinstance(target, functools.partial) else target
     lifted = nn.transforms.lift_transform(_lifted_compress, target, options=options,
@@ -236,7 +239,8 @@ def compressed(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
 def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
              static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
              min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-             kernel: str = "auto", name: str | None = None) -> Any:
+             kernel: str = "auto", recompute: bool = False,
+               name: str | None = None) -> Any:
   """Compresses the residuals of a Flax module or a function; the decorator form of jact.
 
   Dispatches on what it decorates:
@@ -267,7 +271,7 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
     bits: an int width or a policy; `jact.use_policy` overrides it at trace time.
     static_argnums: positional arguments passed as they are, counted as written (`self` is 0
       for methods and module classes).
-    group_size, min_size, rounding, kernel: as in `remat_compress`.
+    group_size, min_size, rounding, kernel, recompute: as in `remat_compress`.
     name: the scope of residual names (default: the module's name, the class name for NNX, the
       function's name).
 
@@ -277,7 +281,7 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
   from jact import nnx as jact_nnx  # jact.nnx builds on this module's Options
 
   kwargs = dict(bits=bits, static_argnums=static_argnums, group_size=group_size, min_size=min_size,
-                rounding=rounding, kernel=kernel, name=name)
+                rounding=rounding, kernel=kernel, recompute=recompute, name=name)
   if target is None:
     return functools.partial(compress, **kwargs)
   if _is_linen_class(target) or isinstance(target, nn.Module):

@@ -84,7 +84,8 @@ def _compress_function(fn: Callable, options: Options, name: str) -> Callable:
 def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, *,
                       static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
                       min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-                      kernel: str = "auto", name: str | None = None) -> Callable:
+                      kernel: str = "auto", recompute: bool = False,
+               name: str | None = None) -> Callable:
   """`remat_compress` for a function whose positional arguments may be NNX modules.
 
   Graph nodes among the positional arguments (any `nnx.Pytree`: modules, `nnx.Rngs`,
@@ -94,7 +95,7 @@ def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, *,
 
   Args:
     fn: the function, e.g. `lambda model, x: model(x)` or a method of an NNX Module class.
-    bits, static_argnums, group_size, min_size, rounding, kernel: as in `jact.compress`.
+    bits, static_argnums, group_size, min_size, rounding, kernel, recompute: as in `jact.compress`.
     name: the scope of residual names (default: `Class` or `Class.method` for a method defined
       in a class body, else `fn.__name__`).
 
@@ -102,7 +103,7 @@ def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, *,
     The compressed function, same signature.
   """
   class_name, suffix = method_scope(fn)
-  return _compress_function(fn, Options.create(bits, static_argnums, group_size, min_size, rounding, kernel),
+  return _compress_function(fn, Options.create(bits, static_argnums, group_size, min_size, rounding, kernel, recompute),
                             name or (class_name + suffix if class_name else fn.__name__))
 
 
@@ -118,7 +119,8 @@ def _compressed_class(module_class: type, options: Options, name: str) -> type:
 def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
              static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
              min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-             kernel: str = "auto", name: str | None = None) -> Any:
+             kernel: str = "auto", recompute: bool = False,
+               name: str | None = None) -> Any:
   """Compresses the residuals of an NNX module's `__call__`.
 
   Example::
@@ -131,7 +133,7 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
   Args:
     target: an NNX Module class, or an instance (changed in place: its class becomes the
       compressed subclass, its state and identity stay). Without it, returns a decorator.
-    bits, static_argnums, group_size, min_size, rounding, kernel: as in `jact.compress`; `self` is
+    bits, static_argnums, group_size, min_size, rounding, kernel, recompute: as in `jact.compress`; `self` is
       argument 0 of `static_argnums`.
     name: the scope of residual names (default: the class name).
 
@@ -141,10 +143,10 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
   if target is None:
     return functools.partial(compress, bits=bits, static_argnums=static_argnums,
                              group_size=group_size, min_size=min_size, rounding=rounding, kernel=kernel,
-                             name=name)
+                             recompute=recompute, name=name)
   if not is_module(target):
     raise TypeError(f"jact.nnx.compress expects a Flax NNX Module class or instance, got {target!r}.")
-  options = Options.create(bits, static_argnums, group_size, min_size, rounding, kernel)
+  options = Options.create(bits, static_argnums, group_size, min_size, rounding, kernel, recompute)
   module_class = target if inspect.isclass(target) else type(target)
   compressed_class = _compressed_class(module_class, options, name or module_class.__name__)
   if inspect.isclass(target):

@@ -45,6 +45,7 @@ class _Config:
   min_size: int
   rounding: str
   kernel: str = "auto"
+  compress_nonlinear: bool = False  # also residuals used nonlinearly (the inputs of a recomputation)
 
 
 # --- residual analysis -------------------------------------------------------------------------
@@ -201,7 +202,8 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
                         source=source, is_argument=is_argument, primitive=primitive,
                         group_size=config.group_size)
-    info = _choose_bits(info, config, used_nonlinearly=not _jaxpr.is_literal(atom) and atom in nonlinear)
+    info = _choose_bits(info, config, used_nonlinearly=not config.compress_nonlinear
+                        and not _jaxpr.is_literal(atom) and atom in nonlinear)
     if _jaxpr.is_literal(atom):
       ready = -1
     else:
@@ -393,7 +395,9 @@ class _Traced:
     def plan_for(inputs) -> _Plan:
       key = tuple(jax.typeof(x) for x in inputs)
       if key not in self.plans:
-        self.plans[key] = _build_plan(pure, inputs, kinds, labels, scope, config)
+        # Compressed calls nested in this one are traced here only to find this call's residuals.
+        with _context.collecting_nothing():
+          self.plans[key] = _build_plan(pure, inputs, kinds, labels, scope, config)
       return self.plans[key]
 
     @jax.custom_vjp
@@ -543,7 +547,8 @@ def _check_argnums(argnums, what: str) -> tuple[int, ...]:
 def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2, *,
                    keep_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
                    group_size: int = DEFAULT_GROUP_SIZE, min_size: int = DEFAULT_MIN_SIZE,
-                   rounding: str = "stochastic", kernel: str = "auto", name: str | None = None) -> Callable:
+                   rounding: str = "stochastic", kernel: str = "auto", recompute: bool = False,
+                   name: str | None = None) -> Callable:
   """Makes `fun` store its autodiff residuals compressed, like `jax.checkpoint` makes it recompute them.
 
   `remat_compress(f)(*args)` computes the same value as `f(*args)`. When it is differentiated in
@@ -572,6 +577,13 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   plus 4 bytes per group. Wrap each layer (or block) separately: memory falls when the
   full-precision residuals of one wrapped call die before the next call runs.
 
+  With `recompute=True` it makes jax.checkpoint's trade at a fraction of its memory: only the
+  inputs are stored (compressed), and the backward pass recomputes `fun` from them, compressing
+  the recomputed residuals too, so that neither the stored inputs nor the backward pass's working
+  set is full precision. It costs one extra forward pass, like `jax.checkpoint`. The recomputed
+  forward starts from the decoded inputs, so its gradient is the gradient at a point within the
+  codec's error of the input: not unbiased, as the default mode is.
+
   Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. Forward-mode
   differentiation (`jvp`, `jacfwd`, `hessian`) is not supported and raises a TypeError.
 
@@ -586,6 +598,7 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
     rounding: "stochastic" (unbiased) or "nearest".
     kernel: the codec's implementation: "auto" (fused Pallas kernels on GPU, jax.numpy elsewhere),
       "pallas" or "xla"; see `jact.quantize`.
+    recompute: store only the (compressed) inputs and recompute `fun` in the backward pass.
     name: the scope of residual names (default: `fun.__name__`).
 
   Returns:
@@ -594,10 +607,10 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
     hash of each residual's own values: the same inputs give bitwise the same gradients, and new
     inputs get new noise.
   """
+  options = dict(bits=bits, keep_argnums=keep_argnums, static_argnums=static_argnums,
+                 group_size=group_size, min_size=min_size, rounding=rounding, kernel=kernel, name=name)
   if fun is None:
-    return functools.partial(remat_compress, bits=bits, keep_argnums=keep_argnums,
-                             static_argnums=static_argnums, group_size=group_size, min_size=min_size,
-                             rounding=rounding, kernel=kernel, name=name)
+    return functools.partial(remat_compress, recompute=recompute, **options)
   if not callable(fun):
     raise TypeError(f"remat_compress expects a callable, got {type(fun).__name__}.")
   keep_argnums = _check_argnums(keep_argnums, "keep_argnums")
@@ -607,6 +620,19 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   config = _Config(policies.resolve(bits), codec.check_group_size(group_size), int(min_size),
                    codec.check_rounding(rounding), codec.check_kernel(kernel))
   base_scope = name or getattr(fun, "__name__", type(fun).__name__)
+  if recompute:
+    # Store only the inputs of `fun`, compressed even though the recomputation uses them
+    # nonlinearly; in the backward pass jax.checkpoint reruns the compressed `fun`.
+    inner = functools.wraps(fun)(jax.checkpoint(remat_compress(fun, **{**options, "name": base_scope}),
+                                                static_argnums=static_argnums))
+    return _compress(inner, dataclasses.replace(config, compress_nonlinear=True), keep_argnums,
+                     static_argnums, base_scope)
+  return _compress(fun, config, keep_argnums, static_argnums, base_scope)
+
+
+def _compress(fun: Callable, config: _Config, keep_argnums: tuple[int, ...],
+              static_argnums: tuple[int, ...], base_scope: str) -> Callable:
+  """`remat_compress` once its arguments are checked."""
 
   @functools.wraps(fun)
   def wrapped(*args, rng=None, **kwargs):

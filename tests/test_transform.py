@@ -218,3 +218,52 @@ def test_constant_residuals_are_kept():
     return jnp.sin(x * c)
   table = jact.residuals(lambda x: jnp.sum(jact.remat_compress(f, bits=2, min_size=0)(x)), jnp.ones((64, 64)))
   assert all(r.bits == 32 for r in table if r.source == "constant")
+
+
+def test_max_pool_keeps_argmax_indices_and_exact_gradients():
+  """Max-pooling stores int32 argmax indices (a quarter of a 3x3/2 pool's input), not its input,
+  and its gradient is the same as plain autodiff's (ties included: first in row-major order)."""
+  def pool(x):
+    return jax.lax.reduce_window(jax.nn.relu(x), -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+  x = jnp.round(jax.random.normal(jax.random.key(6), (2, 16, 16, 64)) * 2) / 2  # many ties
+  w = jax.random.normal(jax.random.key(7), (2, 8, 8, 64))
+  f = jact.remat_compress(pool, bits=2, min_size=0)
+  loss = lambda fn: (lambda x: jnp.sum(fn(x) * w))
+  assert jnp.array_equal(jax.grad(loss(f))(x), jax.grad(loss(pool))(x))
+  table = jact.residuals(loss(f), x)
+  assert any(r.dtype == jnp.int32 and r.size == 2 * 8 * 8 * 64 for r in table)
+  assert not any(r.shape == x.shape and r.bits == 32 for r in table)
+
+
+def test_values_of_parameters_are_recomputed_not_stored():
+  """A transposed weight and a constant broadcast are rebuilt in the backward pass."""
+  def f(x, w):
+    return jnp.tanh(x @ jnp.transpose(w)) * jnp.broadcast_to(jnp.arange(64.0), (BATCH, 64))
+  ws, x = mlp_data()
+  w = ws[0][:64]
+  g = jact.remat_compress(f, bits=32, keep_argnums=(1,), min_size=0)
+  table = jact.residuals(lambda w, x: jnp.sum(g(x, w)), w, x)
+  recomputed = [r for r in table if r.recomputed]
+  assert recomputed and all(r.stored_nbytes == 0 and r.source in ("parameter", "constant") for r in recomputed)
+  loss = lambda fn: (lambda w, x: jnp.sum(fn(x, w) ** 2))
+  assert rel_err(jax.grad(loss(g))(w, x), jax.grad(loss(f))(w, x)) < 1e-5
+
+
+def test_divisors_are_kept():
+  """A residual the backward pass divides by is kept: rounding it would bias the gradient."""
+  f = jact.remat_compress(lambda x: x / jnp.sum(x * x, axis=-1, keepdims=True), bits=2, min_size=0)
+  table = jact.residuals(lambda x: jnp.sum(f(x)), jnp.ones((64, 128)))
+  assert any(r.kept_because == "nonlinear in backward" for r in table)
+
+
+def test_recompute_stores_only_compressed_inputs():
+  ws, x = mlp_data()
+  f = compressed(2, recompute=True)
+  table = jact.residuals(mlp_loss(f), ws, x)
+  layer_rows = [r for r in table if r.name.startswith("layer/")]
+  assert {r.name for r in layer_rows} == {"layer/x", "layer/w"}
+  assert all(r.bits == 2 for r in layer_rows if r.name == "layer/x")
+  assert rel_err(jax.grad(mlp_loss(compressed(32, recompute=True)))(ws, x), exact_grads()) < 1e-5
+  err8 = rel_err(jax.grad(mlp_loss(compressed(8, recompute=True)))(ws, x), exact_grads())
+  assert err8 < 0.05  # the 8-bit codec's relative error (about 1%) through four layers
