@@ -214,8 +214,8 @@ def _unpack(payload: jax.Array, bits: int) -> jax.Array:
   return codes.reshape(payload.shape[:-1] + (payload.shape[-1] * (8 // bits),))
 
 
-# A constant group's exact value in its payload bytes. The kernels' shift-and-mask form covers
-# 32-bit words; float64 (reference path only) uses a bitcast.
+# A constant group's exact value in its payload bytes, little-endian, as the kernels store it. The
+# kernels' shift-and-mask form covers 32-bit words; float64 (reference path only) uses a bitcast.
 def _value_bytes(values: jax.Array, width: int) -> jax.Array:
   if jnp.dtype(values.dtype).itemsize <= 4:
     return formulas.value_bytes(values, width)
@@ -224,10 +224,8 @@ def _value_bytes(values: jax.Array, width: int) -> jax.Array:
 
 
 def _bytes_value(payload: jax.Array, dtype) -> jax.Array:
-  itemsize = jnp.dtype(dtype).itemsize
-  if itemsize <= 4:
-    return formulas.bytes_value(payload, dtype)
-  return jax.lax.bitcast_convert_type(payload[..., :itemsize], dtype)
+  # A bitcast: XLA fuses it into the decoding (the kernels' shift-and-sum needs a reduction).
+  return jax.lax.bitcast_convert_type(payload[..., :jnp.dtype(dtype).itemsize], dtype)
 
 
 def check_kernel(kernel: Any) -> str:

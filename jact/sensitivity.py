@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -40,7 +41,6 @@ from tqdm.auto import tqdm
 from jact import _context, codec, policies
 from jact.info import ACTIVATION, INPUT, ResidualInfo, format_bytes
 
-METHODS = ("vjp", "jvp", "gact")
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 16, 32)
 
 
@@ -218,14 +218,18 @@ def _lower_hull(variance: np.ndarray, nbytes: np.ndarray) -> list[int]:
 # --- the estimators -------------------------------------------------------------------------------
 
 Key = tuple[str, int]  # residual name, occurrence
+Groups = tuple[tuple[Key, int], ...]  # each residual's codec group size
 
 
 class _Probed:
-  """`loss_fn` differentiated with every compressed residual kept exact and perturbable."""
+  """`loss_fn`'s gradient with every compressed residual kept exact, reported and perturbable.
 
-  def __init__(self, loss_fn: Callable, args: Sequence[Any], kwargs: dict, argnums: int, has_aux: bool):
-    self.args, self.kwargs, self.argnums = list(args), kwargs, argnums
+  The arguments (parameters, probe batch) are arguments of every compiled function here, never
+  constants baked into them: a later calibration on new arguments of the same shapes (see
+  `jact.Recalibration`) reuses the compilations.
+  """
 
+  def __init__(self, loss_fn: Callable, kwargs: dict, argnums: int, has_aux: bool):
     def gradient(deltas: dict, *args):
       probe = _context.Probe(deltas=deltas)
 
@@ -237,82 +241,132 @@ class _Probed:
         return jax.grad(loss, argnums=argnums, has_aux=True)(*args)
 
     self.gradient = gradient
-    with _context.collecting() as regions:
-      _, captured = jax.eval_shape(gradient, {}, *args)
-    self.keys: list[Key] = list(captured)
-    if not self.keys:
+    self._values = jax.jit(lambda args: gradient({}, *args)[1])
+    self.vjp_probe = jax.jit(functools.partial(_vjp_probe, gradient))
+    self.jvp_probe = jax.jit(functools.partial(_jvp_probe, gradient))
+    self.gact_probe = jax.jit(functools.partial(_gact_probe, gradient))
+
+  def residuals(self, args: Sequence[Any]) -> tuple[dict[Key, jax.Array], dict[str, ResidualInfo]]:
+    """The exact value of each compressible residual on `args`, and each residual name's description."""
+    with _context.collecting() as regions:  # a fresh function, so that it is traced, not served from a cache
+      _, captured = jax.eval_shape(lambda *a: self.gradient({}, *a), *args)
+    if not captured:
       raise ValueError("calibrate found no compressible residual: differentiating loss_fn reaches no "
                        "jact.remat_compress call (or compressed Flax module) with activations to compress.")
     infos = {}
     for info in (i for region in regions for i in region):
       if info.kept_because == "" and info.source in (ACTIVATION, INPUT):
         infos.setdefault(info.name, info)
-    self.infos = infos
-    self.values: dict[Key, jax.Array] = jax.jit(lambda *a: gradient({}, *a)[1])(*args)
-
-  def zeros(self) -> dict:
-    return {k: jnp.zeros_like(v) for k, v in self.values.items()}
-
-  def rounding_variance(self, key: Key, bits: int) -> jax.Array:
-    return codec.rounding_variance(self.values[key], bits, self.infos[key[0]].group_size)
+    return self._values(list(args)), infos
 
 
-def _variance_vjp(probed: _Probed, num_probes: int, rng: jax.Array, progress: bool) -> dict[Key, np.ndarray]:
-  zeros = probed.zeros()
-
-  @jax.jit
-  def squared_sensitivity(key):
-    grads, pullback = jax.vjp(lambda d: probed.gradient(d, *probed.args)[0], zeros)
-    leaves, tree = jax.tree.flatten(grads)
-    keys = jax.random.split(key, len(leaves))
-    signs = [jax.random.rademacher(k, g.shape, g.dtype) for k, g in zip(keys, leaves)]
-    (v,) = pullback(jax.tree.unflatten(tree, signs))
-    return {k: x.astype(jnp.float32) ** 2 for k, x in v.items()}
-
-  weights = {k: 0.0 for k in zeros}
-  for key in tqdm(jax.random.split(rng, num_probes), desc="calibrate (vjp probes)", disable=not progress or None, leave=False):
-    weights = jax.tree.map(lambda acc, w: acc + w / num_probes, weights, squared_sensitivity(key))
-  return {k: np.array([float(jnp.sum(weights[k] * probed.rounding_variance(k, b))) for b in codec.SUPPORTED_BITS])
-          for k in zeros}
+def _vjp_probe(gradient, weights, rng, zeros, args, scale):
+  """`weights + scale * (J^T u)^2` for a Rademacher u over the gradient: one Hutchinson probe."""
+  grads, pullback = jax.vjp(lambda d: gradient(d, *args)[0], zeros)
+  leaves, tree = jax.tree.flatten(grads)
+  signs = [jax.random.rademacher(k, g.shape, g.dtype) for k, g in zip(jax.random.split(rng, len(leaves)), leaves)]
+  (v,) = pullback(jax.tree.unflatten(tree, signs))
+  return jax.tree.map(lambda w, x: w + scale * x.astype(jnp.float32) ** 2, weights, v)
 
 
-def _variance_jvp(probed: _Probed, num_probes: int, rng: jax.Array, progress: bool) -> dict[Key, np.ndarray]:
-  zeros = probed.zeros()
-  tangent_grad = jax.jit(lambda t: jax.jvp(lambda d: probed.gradient(d, *probed.args)[0], (zeros,), (t,))[1])
-  reference = 2
-  out = {}
-  for index, key in enumerate(tqdm(list(zeros), desc="calibrate (jvp per residual)", disable=not progress or None, leave=False)):
-    sigma = jnp.sqrt(probed.rounding_variance(key, reference))
-    total = 0.0
-    for k in jax.random.split(jax.random.fold_in(rng, index), num_probes):
-      tangent = dict(zeros)
-      tangent[key] = (jax.random.rademacher(k, sigma.shape, jnp.float32) * sigma).astype(zeros[key].dtype)
-      total += sum(float(jnp.sum(g.astype(jnp.float32) ** 2)) for g in jax.tree.leaves(tangent_grad(tangent))) / num_probes
-    noise = np.array([float(jnp.sum(probed.rounding_variance(key, b))) for b in codec.SUPPORTED_BITS])
-    ref_noise = noise[codec.SUPPORTED_BITS.index(reference)]
-    out[key] = total * noise / ref_noise if ref_noise > 0 else np.zeros(len(noise))
-  return out
+def _jvp_probe(gradient, selected, rng, sigma, zeros, args):
+  """||J t||^2 for t: Rademacher signs times `sigma` on the residuals `selected` (1.0) picks."""
+  keys = jax.random.split(rng, len(zeros))
+  tangent = {k: (selected[k] * jax.random.rademacher(r, s.shape, jnp.float32) * s).astype(zeros[k].dtype)
+             for r, (k, s) in zip(keys, sigma.items())}
+  _, tangent_grad = jax.jvp(lambda d: gradient(d, *args)[0], (zeros,), (tangent,))
+  return _squared_norm(tangent_grad)
 
 
-def _variance_gact(probed: _Probed, seed: int, progress: bool) -> dict[Key, np.ndarray]:
-  zeros = probed.zeros()
-  grad_with = jax.jit(lambda d: probed.gradient(d, *probed.args)[0])
-  seeds = np.random.default_rng(seed).integers(0, 2**31, size=(len(zeros), 3))
-  out = {}
-  for index, key in enumerate(tqdm(list(zeros), desc="calibrate (gact, 3 passes per residual)", disable=not progress or None, leave=False)):
-    value, group_size = probed.values[key], probed.infos[key[0]].group_size
-    grads = [grad_with({**zeros, key: codec.dequantize(codec.quantize(value, bits, group_size, seed=int(s))) - value})
-             for bits, s in zip((1, 1, 8), seeds[index])]
-    c = (_squared_distance(grads[0], grads[2]) + _squared_distance(grads[1], grads[2])) / 2
-    out[key] = np.array([c / (2**b - 1) ** 2 if b <= 8 else 0.0 for b in codec.SUPPORTED_BITS])
-  return out
+def _gact_probe(gradient, one_bit_a, one_bit_b, eight_bit, args):
+  """GACT's C: the mean squared distance of the two 1-bit gradients from the 8-bit gradient."""
+  grads = [gradient(deltas, *args)[0] for deltas in (one_bit_a, one_bit_b, eight_bit)]
+  distance = lambda a, b: _squared_norm(jax.tree.map(jnp.subtract, a, b))
+  return (distance(grads[0], grads[2]) + distance(grads[1], grads[2])) / 2
 
 
-def _squared_distance(a, b) -> float:
-  return sum(float(jnp.sum((x - y).astype(jnp.float32) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def _squared_norm(tree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+@functools.partial(jax.jit, static_argnames="groups")
+def _noise_totals(weights: dict, values: dict, groups: Groups) -> dict[Key, jax.Array]:
+  """Per residual, `sum(weights * rounding variance)` at each width of `codec.SUPPORTED_BITS`."""
+  return {k: jnp.stack([jnp.sum(weights[k] * codec.rounding_variance(values[k], b, g)) for b in codec.SUPPORTED_BITS])
+          for k, g in groups}
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _rounding_error(value: jax.Array, seed: jax.Array, bits: int, group_size: int) -> jax.Array:
+  return codec.dequantize(codec.quantize(value, bits, group_size, seed=seed)) - value
+
+
+def _variance_vjp(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
+  zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
+  weights = {k: jnp.zeros(v.shape, jnp.float32) for k, v in values.items()}
+  probes = jax.random.split(jax.random.key(options.seed), options.num_probes)
+  for rng in tqdm(probes, desc="calibrate (vjp probes)", disable=not options.progress or None, leave=False):
+    weights = probed.vjp_probe(weights, rng, zeros, list(args), 1 / options.num_probes)
+  return jax.device_get(_noise_totals(weights, values, groups))
+
+
+def _variance_jvp(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
+  reference = codec.SUPPORTED_BITS.index(2)  # the width whose noise is probed; others scale by the codec's noise ratio
+  zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
+  sigma = jax.jit(lambda values: {k: jnp.sqrt(codec.rounding_variance(values[k], 2, g)) for k, g in groups})(values)
+  noise = jax.device_get(_noise_totals({k: 1.0 for k in values}, values, groups))
+  totals = {}
+  rng = jax.random.key(options.seed)
+  for index, key in enumerate(tqdm(list(values), desc="calibrate (jvp per residual)", disable=not options.progress or None, leave=False)):
+    selected = {k: float(k == key) for k in values}
+    probes = jax.random.split(jax.random.fold_in(rng, index), options.num_probes)
+    totals[key] = sum(probed.jvp_probe(selected, r, sigma, zeros, list(args)) for r in probes) / options.num_probes
+  totals = jax.device_get(totals)
+  return {k: totals[k] * noise[k] / noise[k][reference] if noise[k][reference] > 0 else np.zeros(len(noise[k]))
+          for k in values}
+
+
+def _variance_gact(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
+  zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
+  seeds = np.random.default_rng(options.seed).integers(0, 2**31, size=(len(values), 3), dtype=np.uint32)
+  constants = {}
+  for (key, group_size), key_seeds in zip(tqdm(groups, desc="calibrate (gact, 3 passes per residual)",
+                                               disable=not options.progress or None, leave=False), seeds):
+    errors = [_rounding_error(values[key], s, bits, group_size) for bits, s in zip((1, 1, 8), key_seeds)]
+    constants[key] = probed.gact_probe(*({**zeros, key: e} for e in errors), list(args))
+  constants = jax.device_get(constants)
+  return {k: np.array([c / (2**b - 1) ** 2 if b <= 8 else 0.0 for b in codec.SUPPORTED_BITS]) for k, c in constants.items()}
+
+
+_ESTIMATORS = {"vjp": _variance_vjp, "jvp": _variance_jvp, "gact": _variance_gact}
+METHODS = tuple(_ESTIMATORS)
 
 
 # --- calibrate -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How `calibrate` measures and allocates; checked when made (see `calibrate` for each field)."""
+  avg_bits: float | None = None
+  budget_bytes: int | None = None
+  candidates: Sequence[int] = DEFAULT_CANDIDATES
+  method: str = "vjp"
+  num_probes: int = 8
+  seed: int = 0
+  progress: bool = True
+
+  def __post_init__(self):
+    if (self.avg_bits is None) == (self.budget_bytes is None):
+      raise ValueError("give exactly one of avg_bits= (an average width, e.g. 2.0) or budget_bytes=.")
+    candidates = tuple(sorted({codec.check_bits(b, what="candidates entry") for b in self.candidates}))
+    object.__setattr__(self, "candidates", candidates)
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r} is not supported; use one of {METHODS}.")
+    if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
+      raise ValueError(f"num_probes={self.num_probes!r} must be a positive int.")
+    if self.avg_bits is not None and not 0 < self.avg_bits <= 32:
+      raise ValueError(f"avg_bits={self.avg_bits!r} must be in (0, 32].")
+
 
 def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budget_bytes: int | None = None,
               candidates: Sequence[int] = DEFAULT_CANDIDATES, method: str = "vjp", num_probes: int = 8,
@@ -347,37 +401,30 @@ def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budg
   Returns:
     A `jact.policies.Calibrated` policy.
   """
-  if (avg_bits is None) == (budget_bytes is None):
-    raise ValueError("give exactly one of avg_bits= (an average width, e.g. 2.0) or budget_bytes=.")
-  candidates = tuple(sorted({codec.check_bits(b, what="candidates entry") for b in candidates}))
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} is not supported; use one of {METHODS}.")
-  if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-    raise ValueError(f"num_probes={num_probes!r} must be a positive int.")
-  if avg_bits is not None and not 0 < avg_bits <= 32:
-    raise ValueError(f"avg_bits={avg_bits!r} must be in (0, 32].")
-  probed = _Probed(loss_fn, args, kwargs, argnums, has_aux)
-  rng = jax.random.key(seed)
-  if method == "vjp":
-    per_key = _variance_vjp(probed, num_probes, rng, progress)
-  elif method == "jvp":
-    per_key = _variance_jvp(probed, num_probes, rng, progress)
-  else:
-    per_key = _variance_gact(probed, seed, progress)
+  options = Options(avg_bits, budget_bytes, candidates, method, num_probes, seed, progress)
+  return calibrate_with(_Probed(loss_fn, kwargs, argnums, has_aux), args, options)
+
+
+def calibrate_with(probed: _Probed, args: Sequence[Any], options: Options) -> Calibrated:
+  """`calibrate` on `args` with a prepared `_Probed` (whose compilations it reuses)."""
+  values, infos = probed.residuals(args)
+  groups = tuple((k, infos[k[0]].group_size) for k in values)
+  per_key = _ESTIMATORS[options.method](probed, args, values, groups, options)
 
   names = list(dict.fromkeys(name for name, _ in per_key))
   variance = {n: sum(v for (name, _), v in per_key.items() if name == n) for n in names}
-  shapes = {n: tuple(tuple(probed.values[k].shape) for k in per_key if k[0] == n) for n in names}
+  shapes = {n: tuple(tuple(values[k].shape) for k in per_key if k[0] == n) for n in names}
   rows = []
   for n in names:
-    info = probed.infos[n]
+    info = infos[n]
     rows.append(CalibratedResidual(n, 32, len(shapes[n]), sum(math.prod(s) for s in shapes[n]) * info.dtype.itemsize,
                                    info.group_size, tuple(float(v) for v in variance[n]), shapes[n], info.dtype.name))
+  budget_bytes = options.budget_bytes
   if budget_bytes is None:
-    budget_bytes = int(sum(math.prod(s) * avg_bits / 8 + 4 * codec.Layout.of(s, r.group_size).num_groups
+    budget_bytes = int(sum(math.prod(s) * options.avg_bits / 8 + 4 * codec.Layout.of(s, r.group_size).num_groups
                            for r in rows for s in r.shapes))
-  var_matrix = np.array([[r.variance_at(b) for b in candidates] for r in rows])
-  byte_matrix = np.array([[r.stored_nbytes_at(b) for b in candidates] for r in rows])
+  var_matrix = np.array([[r.variance_at(b) for b in options.candidates] for r in rows])
+  byte_matrix = np.array([[r.stored_nbytes_at(b) for b in options.candidates] for r in rows])
   choice = allocate(var_matrix, byte_matrix, budget_bytes)
-  rows = tuple(dataclasses.replace(r, bits=candidates[c]) for r, c in zip(rows, choice))
-  return Calibrated(rows, candidates, int(budget_bytes), method)
+  rows = tuple(dataclasses.replace(r, bits=options.candidates[c]) for r, c in zip(rows, choice))
+  return Calibrated(rows, options.candidates, int(budget_bytes), options.method)

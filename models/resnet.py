@@ -80,23 +80,28 @@ class Bottleneck(_ResidualBlock):
 
 class Stem(nn.Module):
   """7x7/2 convolution, BatchNorm, ReLU and 3x3/2 max-pool: the largest activations of a ResNet,
-  so it is wrapped like the blocks."""
+  so it is wrapped like the blocks. With `small` (for small images), a 3x3/1 convolution and no
+  max-pool keep the input resolution, as CIFAR ResNets do.
+  """
 
   num_filters: int = 64
   train: bool = False
   dtype: Any = jnp.float32
+  small: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    x = nn.Conv(self.num_filters, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name="conv")(images)
-    x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="norm")(x)
-    return nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=_PAD_3X3)
+    kernel, strides = (3, 1) if self.small else (7, 2)
+    pad = kernel // 2
+    x = nn.Conv(self.num_filters, (kernel, kernel), strides, padding=((pad, pad), (pad, pad)),
+                use_bias=False, dtype=self.dtype, name="conv")(images)
+    x = nn.relu(nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype, name="norm")(x))
+    return x if self.small else nn.max_pool(x, (3, 3), (2, 2), padding=_PAD_3X3)
 
 
 class ResNet(nn.Module):
-  """An image classifier: 7x7/2 stem, max-pool, four stages of residual blocks, pool, linear head.
+  """An image classifier: 7x7/2 stem, max-pool, stages of residual blocks, pool, linear head.
 
   Attributes:
     stage_sizes: number of blocks in each stage.
@@ -106,6 +111,8 @@ class ResNet(nn.Module):
     width_factor: widens the inside of every block (wide ResNets).
     train: BatchNorm mode.
     dtype: computation dtype (parameters stay float32).
+    small_stem: a 3x3/1 stem without max-pool, for small images (32x32 CIFAR, 8x8 digits),
+      which the 7x7/2 stem and max-pool would shrink 4x before the first block.
     wrap_block: class transform applied to the stem and to `block_cls` (e.g. `nn.remat`); the
       stem is named `stem`, blocks `stage{s}_block{b}`, counting from 1 and 0.
   """
@@ -117,12 +124,14 @@ class ResNet(nn.Module):
   width_factor: int = 1
   train: bool = False
   dtype: Any = jnp.float32
+  small_stem: bool = False
   wrap_block: BlockWrapper | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """Maps images [batch, height, width, channels] to logits [batch, num_classes]."""
-    x = wrap(Stem, self.wrap_block)(self.num_filters, self.train, self.dtype, name="stem")(images)
+    x = wrap(Stem, self.wrap_block)(self.num_filters, self.train, self.dtype, self.small_stem,
+                                    name="stem")(images)
     block_cls = wrap(self.block_cls, self.wrap_block)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):

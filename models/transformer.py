@@ -50,8 +50,11 @@ class MultiHeadAttention(nn.Module):
     if bias is not None:
       logits = logits + bias
     if self.causal:
+      # An additive bias of constants: the backward pass needs nothing from it, where selecting
+      # with a mask would keep the mask and a zeros array at the size of the logits.
       tokens = x.shape[-2]
-      logits = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), logits, MASKED)
+      causal = jnp.tril(jnp.ones((tokens, tokens), bool))
+      logits = logits + jnp.where(causal, 0.0, MASKED).astype(logits.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate, deterministic=not self.train)(probs)
     out = jnp.einsum("...hqk,...khd->...qhd", probs, value)
