@@ -1,0 +1,293 @@
+"""jact under SPMD sharding, measured on 8 simulated CPU devices.
+
+A pre-LayerNorm transformer (self-attention and MLP blocks, each wrapped with `jact.compressed`) is
+trained with data parallelism (batch over mesh axis "data") and with Megatron-style tensor
+parallelism (attention heads and MLP hidden units over mesh axis "model"), and compared with the
+same step on one device and with the uncompressed model; a small MLP is compressed inside and
+around `jax.shard_map`. XLA_FLAGS must be set before jax is imported, so this runs in its own
+process: `python tests/sharding_checks.py [compiled] [gradients] [shard_map]` prints the
+measurements as JSON (all parts by default); tests/test_sharding.py runs it and asserts on them.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import contextlib
+import functools
+import json
+import re
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jact
+
+WIDTH, HEADS, HIDDEN, LAYERS = 512, 8, 2048, 2
+HEAD_DIM = WIDTH // HEADS
+BATCH, LENGTH = 64, 32  # gradients are computed at this size
+MEMORY_LENGTH = 256  # compiled memory is measured at this sequence length, where activations dominate
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+OPTIMIZER = optax.adam(1e-3)
+# Logical axis names of the activations (flax.linen.with_logical_constraint) and their mesh axes.
+AXIS_RULES = (("batch", "data"),)
+
+
+def residual_stream(x: jax.Array) -> jax.Array:
+  """Keeps the (batch, length, width) stream batch-sharded and replicated over "model", as in
+  Megatron; without a constraint the partitioner may shard it along width. A no-op on one device."""
+  return nn.with_logical_constraint(x, ("batch", None, None))
+
+
+class Attention(nn.Module):
+  """Pre-LayerNorm multi-head self-attention with a residual connection."""
+
+  @nn.compact
+  def __call__(self, x):
+    return residual_stream(x + nn.SelfAttention(num_heads=HEADS, deterministic=True)(nn.LayerNorm()(x)))
+
+
+class Mlp(nn.Module):
+  """Pre-LayerNorm GELU MLP with a residual connection."""
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = nn.gelu(nn.Dense(HIDDEN)(nn.LayerNorm()(x)))
+    return residual_stream(x + nn.Dense(WIDTH)(hidden))
+
+
+class Transformer(nn.Module):
+  """LAYERS pairs of attention and MLP blocks; the block classes are compressed or not."""
+  attention: type = Attention
+  mlp: type = Mlp
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(LAYERS):
+      x = self.mlp()(self.attention()(x))
+    return x
+
+
+# With the heads sharded over "model", a device holds HEADS / 4 heads of HEAD_DIM values each. A
+# quantisation group of the default 256 values would span 4 heads, so its min/max would need the
+# neighbouring device: groups of HEAD_DIM stay within one head (see the README, "Many devices").
+COMPRESSED = Transformer(jact.compressed(Attention, bits=2, group_size=HEAD_DIM), jact.compressed(Mlp, bits=2))
+BASELINE = Transformer()
+
+
+def tensor_parallel_spec(path) -> P:
+  """Megatron sharding of a parameter: column-parallel query/key/value and first MLP layer
+  (output features over "model"), row-parallel attention output and second MLP layer (input
+  features over "model"); LayerNorm and the row-parallel biases replicated."""
+  name = "/".join(str(getattr(key, "key", key)) for key in path)
+  rules = [(r"(query|key|value)/kernel$", P(None, "model", None)), (r"(query|key|value)/bias$", P("model", None)),
+           (r"out/kernel$", P("model", None, None)), (r"Dense_0/kernel$", P(None, "model")),
+           (r"Dense_0/bias$", P("model")), (r"Dense_1/kernel$", P("model", None))]
+  return next((spec for pattern, spec in rules if re.search(pattern, name)), P())
+
+
+@functools.cache
+def meshes() -> dict:
+  """Data-parallel and tensor-parallel meshes over the 8 devices (Auto axes: the partitioner
+  propagates the shardings of the inputs, as with jit's in_shardings in Flax training loops)."""
+  auto = lambda n: (AxisType.Auto,) * n
+  return {"data": jax.make_mesh((8,), ("data",), axis_types=auto(1)),
+          "tensor": jax.make_mesh((2, 4), ("data", "model"), axis_types=auto(2))}
+
+
+@contextlib.contextmanager
+def partitioned(parallelism: str | None):
+  """Tracing context of a sharded step: its mesh and the activation axis rules (none on one device)."""
+  if parallelism is None:
+    yield
+    return
+  with jax.set_mesh(meshes()[parallelism]), nn.logical_axis_rules(AXIS_RULES):
+    yield
+
+
+def shardings(parallelism: str, params, opt_state=None) -> dict:
+  """Shardings for "data" or "tensor" parallelism: of the parameters (and of the optimizer
+  state, whose moments follow the parameters), of a batch and of a replicated value."""
+  mesh = meshes()[parallelism]
+  replicated = NamedSharding(mesh, P())
+  if parallelism == "data":
+    param_sharding = jax.tree.map(lambda _: replicated, params)
+  else:
+    param_sharding = jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, tensor_parallel_spec(path)), params)
+  out = {"params": param_sharding, "batch": NamedSharding(mesh, P("data")), "replicated": replicated}
+  if opt_state is not None:
+    out["opt_state"] = optax.tree_map_params(OPTIMIZER, lambda _, sharding: sharding, opt_state, param_sharding,
+                                             transform_non_params=lambda _: replicated)
+  return out
+
+
+def loss_fn(model: nn.Module):
+  def loss(params, x, y):
+    return jnp.mean((model.apply(params, x) - y) ** 2)
+  return loss
+
+
+def train_step(model: nn.Module):
+  """One Adam step; its compiled temp bytes are what compression reduces."""
+  def step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn(model))(params, x, y)
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def jitted_train_step(model: nn.Module, parallelism: str | None, params, opt_state):
+  """The training step jitted on one device (parallelism None) or sharded, params and state donated."""
+  if parallelism is None:
+    return jax.jit(train_step(model), donate_argnums=(0, 1))
+  s = shardings(parallelism, params, opt_state)
+  return jax.jit(train_step(model), in_shardings=(s["params"], s["opt_state"], s["batch"], s["batch"]),
+                 out_shardings=(s["params"], s["opt_state"], s["replicated"]), donate_argnums=(0, 1))
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+  """Collective operations in compiled HLO text (an async pair counts once, by its -start)."""
+  return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
+
+
+def describe(compiled) -> dict:
+  """Collective counts and per-device temp bytes of a compiled executable."""
+  return {"collectives": count_collectives(compiled.as_text()),
+          "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+
+
+def compiled_steps() -> dict:
+  """The training step at MEMORY_LENGTH on one device (at the global batch and at the batch
+  share of one data-parallel device) and sharded, baseline and compressed (abstract shapes)."""
+  batch = jax.ShapeDtypeStruct((BATCH, MEMORY_LENGTH, WIDTH), jnp.float32)
+  share = jax.ShapeDtypeStruct((BATCH // 8, MEMORY_LENGTH, WIDTH), jnp.float32)
+  params = jax.eval_shape(BASELINE.init, jax.random.key(0), batch)
+  opt_state = jax.eval_shape(OPTIMIZER.init, params)
+  out = {}
+  for name, parallelism, x in (("one device", None, batch), ("one device, batch / 8", None, share),
+                               ("data", "data", batch), ("tensor", "tensor", batch)):
+    for variant, model in (("baseline", BASELINE), ("compressed", COMPRESSED)):
+      with partitioned(parallelism):
+        step = jitted_train_step(model, parallelism, params, opt_state)
+        out[f"{name}/{variant}"] = describe(step.lower(params, opt_state, x, x).compile())
+  out["gradient_bytes"] = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+  return out
+
+
+def distances(actual, expected) -> dict:
+  """How far gradients `actual` are from `expected`, relative to the norm of `expected`: the
+  largest elementwise difference, the norm of the difference, and the fraction of elements that
+  are bitwise equal."""
+  norm = float(optax.global_norm(expected))
+  diffs = [np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))
+           for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)]
+  return {"max_abs": max(float(d.max()) for d in diffs) / norm,
+          "norm": float(np.sqrt(sum(np.sum(d**2) for d in diffs))) / norm,
+          "bitwise_equal": sum(int(np.sum(d == 0)) for d in diffs) / sum(d.size for d in diffs)}
+
+
+def gradients() -> dict:
+  """Compressed gradients (same seed) sharded against one device, and all against exact ones."""
+  x, y = (jax.random.normal(jax.random.key(i), (BATCH, LENGTH, WIDTH)) for i in (1, 2))
+  params = BASELINE.init(jax.random.key(0), x)
+  exact = jax.jit(jax.grad(loss_fn(BASELINE)))(params, x, y)
+  one_device = jax.jit(jax.grad(loss_fn(COMPRESSED)))(params, x, y)
+  out = {"one device vs exact": distances(one_device, exact)}
+  for parallelism in ("data", "tensor"):
+    with partitioned(parallelism):
+      s = shardings(parallelism, params)
+      grad = jax.jit(jax.grad(loss_fn(COMPRESSED)), in_shardings=(s["params"], s["batch"], s["batch"]),
+                     out_shardings=s["params"])
+      sharded = grad(params, x, y)
+    out[f"{parallelism} vs one device"] = distances(sharded, one_device)
+    out[f"{parallelism} vs exact"] = distances(sharded, exact)
+  return out
+
+
+# --- jax.shard_map -------------------------------------------------------------------------------
+
+SHARD_MAP_DEPTH = 3
+
+
+def dense_gelu(x, w):
+  return jax.nn.gelu(x @ w)
+
+
+def mlp(layer):
+  def apply(ws, x):
+    for w in ws:
+      x = layer(x, w)
+    return x
+  return apply
+
+
+def compressed_mlp(rounding: str):
+  """An MLP whose layers store their residuals at 2 bits."""
+  return mlp(jact.remat_compress(dense_gelu, bits=2, keep_argnums=(1,), rounding=rounding))
+
+
+def shard_map_losses(rounding: str) -> dict:
+  """Data-parallel MLP losses through `jax.shard_map`: plain, compressed inside (each shard's
+  layers are compressed), compressed around (remat_compress of a function that calls shard_map)."""
+  mesh = meshes()["data"]
+
+  def inside(apply):
+    def local_loss(ws, x):
+      return jax.lax.psum(jnp.sum(apply(ws, x) ** 2), "data")
+    sharded = jax.shard_map(local_loss, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+    return lambda ws, x: sharded(ws, x) / x.size
+
+  sharded_mlp = jax.shard_map(mlp(dense_gelu), mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+  around = jact.remat_compress(sharded_mlp, bits=2, keep_argnums=(0,), rounding=rounding)
+  return {"plain": inside(mlp(dense_gelu)), "inside": inside(compressed_mlp(rounding)),
+          "around": lambda ws, x: jnp.mean(around(ws, x) ** 2)}
+
+
+def shard_map_checks() -> dict:
+  """Collectives, temp bytes and gradients of compression inside and around `jax.shard_map`,
+  with nearest rounding, so that the one-device compressed run is the exact reference."""
+  rows = BATCH * LENGTH
+  ws = [jax.random.normal(jax.random.key(i), (WIDTH, WIDTH)) / WIDTH**0.5 for i in range(SHARD_MAP_DEPTH)]
+  x = jax.random.normal(jax.random.key(SHARD_MAP_DEPTH), (rows, WIDTH))
+  mean_square = lambda apply: lambda ws, x: jnp.mean(apply(ws, x) ** 2)
+  exact = jax.jit(jax.grad(mean_square(mlp(dense_gelu))))(ws, x)
+  one_device = {"inside": compressed_mlp("nearest"),
+                "around": jact.remat_compress(mlp(dense_gelu), bits=2, keep_argnums=(0,), rounding="nearest")}
+  mesh = meshes()["data"]
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  out = {}
+  for name, loss in shard_map_losses("nearest").items():
+    grad = jax.jit(jax.grad(loss), in_shardings=([replicated] * SHARD_MAP_DEPTH, batch),
+                   out_shardings=[replicated] * SHARD_MAP_DEPTH)
+    try:
+      out[name] = describe(grad.lower(ws, x).compile())
+      grads = grad(ws, x)
+    except Exception as error:  # a failure is a finding to report, not the end of the run
+      out[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+      continue
+    out[name]["vs exact"] = distances(grads, exact)
+    if name in one_device:
+      reference = jax.jit(jax.grad(mean_square(one_device[name])))(ws, x)
+      out[name]["vs one device"] = distances(grads, reference)
+  return out
+
+
+PARTS = {"compiled": compiled_steps, "gradients": gradients, "shard_map": shard_map_checks}
+
+
+def main(parts: list[str]) -> None:
+  """Prints a JSON object with the measurements of `parts` (all when empty)."""
+  unknown = set(parts) - set(PARTS)
+  if unknown:
+    raise SystemExit(f"unknown parts {sorted(unknown)}; choose from {sorted(PARTS)}")
+  json.dump({part: PARTS[part]() for part in parts or PARTS}, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
