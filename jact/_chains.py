@@ -127,12 +127,11 @@ def _constant_closure(jaxpr, indices: Sequence[int], constant_eqns: dict) -> set
 
 def _worth_rewriting(jaxpr, chain: Chain) -> bool:
   """True when autodiff of the chain saves more full-size bytes than one derivative per output."""
-  aval = chain.source.aval
-  example = jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+  aval = chain.source.aval  # the aval itself: inside shard_map it carries the varying manual axes
   residuals = jax.eval_shape(lambda s: jax.tree.leaves(jax.vjp(lambda x: chain.evaluate(jaxpr, x), s)[1]),
-                             example)
+                             aval)
   saved = sum(r.size * r.dtype.itemsize for r in residuals if r.shape == aval.shape)
-  return saved > len(chain.outputs) * example.size * example.dtype.itemsize
+  return saved > len(chain.outputs) * aval.size * aval.dtype.itemsize
 
 
 def chain_scope(index: int) -> str:

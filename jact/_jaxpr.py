@@ -68,16 +68,32 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], *args) -> list[Any]:
 def dependence(jaxpr, invar_tags: Sequence[frozenset]) -> dict[Var, frozenset]:
   """For every variable, the union of the tags of the inputs it depends on.
 
-  An equation's outputs are taken to depend on all of its inputs (conservative for equations
-  with sub-jaxprs). Constvars carry no tag.
+  Calls (jit, shard_map, custom_jvp, ...) are followed into their jaxpr, output by output; any
+  other equation's outputs depend on all of its inputs. Constvars carry no tag.
   """
   deps: dict[Var, frozenset] = {v: frozenset() for v in jaxpr.constvars}
   deps.update(zip(jaxpr.invars, invar_tags))
   for eqn in jaxpr.eqns:
-    tags = frozenset().union(*(deps.get(v, frozenset()) for v in eqn.invars if not is_literal(v)))
-    for v in eqn.outvars:
+    ins = [frozenset() if is_literal(v) else deps.get(v, frozenset()) for v in eqn.invars]
+    inner = _inner_jaxpr(eqn)
+    if inner is not None:
+      inner_deps = dependence(inner, ins)
+      outs = [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
+    else:
+      outs = [frozenset().union(*ins)] * len(eqn.outvars)
+    for v, tags in zip(eqn.outvars, outs):
       deps[v] = tags
   return deps
+
+
+def _inner_jaxpr(eqn):
+  """The jaxpr a call-like equation runs on its own inputs, giving its own outputs, or None."""
+  inner = next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params), None)
+  inner = getattr(inner, "jaxpr", inner)
+  if (inner is not None and hasattr(inner, "eqns") and len(inner.invars) == len(eqn.invars)
+      and len(inner.outvars) == len(eqn.outvars)):
+    return inner
+  return None
 
 
 def producers(jaxpr) -> dict[Var, Any]:
@@ -123,6 +139,7 @@ LINEAR = frozenset("""
 add add_any sub neg reshape transpose broadcast_in_dim reduce_sum convert_element_type copy copy_p
 squeeze expand_dims slice dynamic_slice concatenate pad reduce_precision rev cumsum split
 reduce_window_sum device_put symbolic_zeros zeros_like mul_zero real imag conj
+pvary psum psum_invariant all_gather reduce_scatter ppermute all_to_all
 """.split())
 BILINEAR = frozenset("mul dot_general conv_general_dilated".split())
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
@@ -155,12 +172,8 @@ def degrees(jaxpr, input_degrees: Sequence[int]) -> list[int]:
     elif name in ("gather", "dynamic_update_slice", "scatter-add", "scatter_add"):
       outs = [max(ins)] * len(eqn.outvars) if all(d == 0 for d in ins[1:2]) or name != "gather" else [NONLINEAR]
     else:
-      inner = next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params), None)
-      inner = getattr(inner, "jaxpr", inner)
-      if inner is not None and hasattr(inner, "eqns") and len(inner.invars) == len(ins):
-        outs = degrees(inner, ins)
-      else:
-        outs = [NONLINEAR] * len(eqn.outvars)
+      inner = _inner_jaxpr(eqn)
+      outs = degrees(inner, ins) if inner is not None else [NONLINEAR] * len(eqn.outvars)
     for v, d in zip(eqn.outvars, outs):
       degree[v] = d
   return [read(v) for v in jaxpr.outvars]
