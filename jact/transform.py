@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.extend import core as jex
 
 from jact import _chains, _context, _jaxpr, codec, hashing, info as info_lib, policies
 from jact.info import ResidualInfo
@@ -57,6 +56,7 @@ class _Residual:
   info: ResidualInfo
   ready_after: int  # forward equation index after which it can be quantised (-1: at the start)
   recomputed: bool = False  # rebuilt in the backward pass from parameters and constants
+  recompute_eqns: tuple[int, ...] = ()  # the forward equations that rebuild it
 
   @property
   def compressed(self) -> bool:
@@ -72,7 +72,6 @@ class _Plan:
   residuals: list[_Residual]  # distinct residuals
   leaf_ids: list[int]  # residual leaf position -> index into `residuals`
   recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters) the recomputation reads
-  recompute_eqns: tuple[int, ...] = ()  # forward equations that rebuild the recomputed residuals
 
   @property
   def infos(self) -> list[ResidualInfo]:
@@ -90,10 +89,6 @@ def analyse(fun: Callable, leaves: Sequence[Any], kept: Sequence[bool], labels: 
   return _build_plan(fun, leaves, [_KEEP if k else _COMPRESSIBLE for k in kept], labels, scope, config)
 
 
-def _tangent_aval(aval) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(aval.shape, jex.primal_dtype_to_tangent_dtype(aval.dtype))
-
-
 def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], labels: Sequence[str],
                 scope: str, config: _Config) -> _Plan:
   vjp_tree = []
@@ -109,12 +104,16 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   out_avals, res_avals = fwd.out_avals[:-num_res or None], fwd.out_avals[len(fwd.out_avals) - num_res:]
   num_outs = len(out_avals)
   bwd = jax.make_jaxpr(lambda res, cts: jax.tree.unflatten(vjp_tree[0], res)(cts))(
-      [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in res_avals],
-      [_tangent_aval(a) for a in out_avals])
+      list(res_avals), [a.to_tangent_aval() for a in out_avals])
   residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config,
                                   _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]))
-  inputs_needed, eqns_needed = _recomputation(fwd.jaxpr, [r.atom for r in residuals if r.recomputed])
-  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, inputs_needed, eqns_needed)
+  inputs_needed = set()
+  for k, r in enumerate(residuals):
+    if r.recomputed:
+      inputs, eqns = _recomputation(fwd.jaxpr, [r.atom])
+      inputs_needed.update(inputs)
+      residuals[k] = dataclasses.replace(r, recompute_eqns=eqns)
+  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)))
 
 
 def _recomputation(jaxpr, atoms) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -285,17 +284,17 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   return outs, stored + [inputs[i] for i in plan.recompute_inputs]
 
 
-def _recompute(plan: _Plan, parameters: Sequence[Any]) -> dict[Any, Any]:
-  """The recomputed residuals' values, from the parameters the forward pass handed over."""
+def _recompute(plan: _Plan, parameters: Sequence[Any], residual: _Residual) -> Any:
+  """A recomputed residual's value, from the parameters the forward pass handed over."""
   fwd = plan.fwd.jaxpr
   env = _jaxpr.bind_inputs(fwd, plan.fwd.consts, [])
   for i, value in zip(plan.recompute_inputs, parameters):
     env.write(fwd.invars[i], value)
-  for i in plan.recompute_eqns:
+  for i in residual.recompute_eqns:
     eqn = fwd.eqns[i]
     for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, [env.read(v) for v in eqn.invars])):
       env.write(var, value)
-  return {r.atom: env.read(r.atom) for r in plan.residuals if r.recomputed}
+  return env.read(residual.atom)
 
 
 def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequence[Any]):
@@ -304,10 +303,7 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
   copy of a weight, a recomputation) to the start of the backward pass and keep the result alive."""
   fallback_tie = [c for c in cts if jnp.issubdtype(jnp.result_type(c), jnp.inexact)]
   num_stored = len(plan.residuals)
-  rebuilt = {}
-  if plan.recompute_eqns:
-    parameters, _ = jax.lax.optimization_barrier((list(stored[num_stored:]), fallback_tie))
-    rebuilt = _recompute(plan, parameters)
+  parameters = list(stored[num_stored:])
   stored = stored[:num_stored]
   jaxpr = plan.bwd.jaxpr
   num_res = len(plan.leaf_ids)
@@ -323,9 +319,7 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
 
   waiting = set()
   for uid, r in enumerate(plan.residuals):
-    if r.recomputed:
-      restore(uid, rebuilt[r.atom])
-    elif _jaxpr.is_literal(r.atom):
+    if _jaxpr.is_literal(r.atom):
       restore(uid, r.atom.val)
     else:
       waiting.add(uid)
@@ -336,12 +330,16 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
       return
     tie_positions = [k for k, v in enumerate(atoms) if not _jaxpr.is_literal(v) and v not in uid_of]
     tie_values = [invals[k] for k in tie_positions] if invals is not None and tie_positions else fallback_tie
-    codes, tied = jax.lax.optimization_barrier(([stored[u] for u in need], tie_values))
+    recomputing = any(plan.residuals[u].recomputed for u in need)
+    (codes, params), tied = jax.lax.optimization_barrier(
+        (([stored[u] for u in need], parameters if recomputing else []), tie_values))
     if invals is not None and tie_positions:
       for k, value in zip(tie_positions, tied):
         invals[k] = value
     for uid, value in zip(need, codes):
-      if isinstance(value, codec.QuantizedArray):
+      if plan.residuals[uid].recomputed:
+        value = _recompute(plan, params, plan.residuals[uid])
+      elif isinstance(value, codec.QuantizedArray):
         value = codec.dequantize(value, kernel=config.kernel)
       restore(uid, value)
       waiting.discard(uid)
