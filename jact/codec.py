@@ -276,7 +276,15 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
   if _use_pallas(kernel, dtype, bits, group_size):
     from jact import kernels
     return kernels.quantize_pallas(x, bits, group_size, rounding, seed)
-  payload, lo, hi = _quantize_packed(x, jnp.asarray(seed, jnp.uint32), bits, group_size, rounding)
+  try:
+    payload, lo, hi = _quantize_packed(x, jnp.asarray(seed, jnp.uint32), bits, group_size, rounding)
+  except Exception as error:
+    if type(error).__name__ != "ShardingTypeError":
+      raise
+    raise ValueError(
+        f"cannot group an array of shape {shape} sharded as {jax.typeof(x).sharding.spec} into groups "
+        f"of {group_size}: a group would span devices. Choose a group_size that divides each "
+        f"device's share of the innermost axes (e.g. 64).") from error
   return QuantizedArray(payload, lo, hi, shape, dtype, bits, group_size)
 
 

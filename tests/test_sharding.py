@@ -101,3 +101,20 @@ def test_compression_around_shard_map_is_as_accurate_as_one_device(measured):
   assert around["collectives"] == plain["collectives"]
   assert around["temp_bytes"] < plain["temp_bytes"]
   assert around["vs exact"]["norm"] == pytest.approx(around["one device vs exact"]["norm"], rel=0.25)
+
+
+def test_group_spanning_devices_is_a_clear_error():
+  """With explicit mesh axes, a group that would span devices is refused, naming group_size."""
+  script = (
+      "import jax, jax.numpy as jnp, jact\n"
+      "from jax.sharding import NamedSharding, PartitionSpec as P, AxisType\n"
+      "mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2)\n"
+      "x = jax.device_put(jnp.ones((64, 32, 512)), NamedSharding(mesh, P('data', None, 'model')))\n"
+      "with jax.set_mesh(mesh):\n"
+      "  print(jax.jit(lambda x: jact.quantize(x, 2, group_size=64))(x).nbytes)\n"
+      "  jax.jit(lambda x: jact.quantize(x, 2))(x)\n")
+  env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+  assert result.stdout.strip() == str(64 * 32 * 512 // 4 + 4 * 64 * 32 * 512 // 64)
+  assert "ValueError: cannot group an array of shape (64, 32, 512)" in result.stderr
+  assert "group_size" in result.stderr.splitlines()[-1]
