@@ -11,12 +11,13 @@ from jact.codec import QuantizedArray, dequantize, quantize
 from jact.flax import compress, compressed
 from jact.info import ResidualInfo, ResidualTable
 from jact.introspect import residuals
+from jact.recalibration import Recalibration
 from jact.sensitivity import calibrate
 from jact.transform import remat_compress
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantizedArray", "ResidualInfo", "ResidualTable", "calibrate", "compress", "compressed", "dequantize",
-    "memory", "nnx", "policies", "quantize", "remat_compress", "residuals", "use_policy",
+    "QuantizedArray", "Recalibration", "ResidualInfo", "ResidualTable", "calibrate", "compress", "compressed",
+    "dequantize", "memory", "nnx", "policies", "quantize", "remat_compress", "residuals", "use_policy",
 ]

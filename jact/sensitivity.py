@@ -13,13 +13,18 @@ at every bit width follows exactly from the residual's values.
 Estimators of w (all on the probe batch passed to `calibrate`):
 * "vjp" (default): Hutchinson. For a Rademacher vector u over the parameters, v = J^T u is one
   reverse pass through the backward pass, for every residual at once, and E[v_e^2] = w_e. Costs
-  `num_probes` passes whatever the number of residuals.
+  one linearisation of the gradient and `num_probes` passes through its transpose, whatever the
+  number of residuals.
 * "jvp": per residual, the JVP of the gradient along Rademacher-signed codec noise at 2 bits
-  gives Var_r(2) directly; other widths scale by the codec's noise ratio. One pass per residual and
-  probe.
+  gives Var_r(2) directly; other widths scale by the codec's noise ratio. Per residual, one
+  linearisation and `num_probes` forward-mode passes.
 * "gact": GACT's estimator, for comparison: per residual, gradients with that residual quantised
   at 1 bit with two seeds and at 8 bits; C_r from their squared differences, Var_r(b) =
-  C_r / (2^b - 1)^2. Three passes per residual.
+  C_r / (2^b - 1)^2. Three gradients per residual (one compiled call, which shares their forward
+  pass).
+
+Every estimator compiles its passes once, with the arguments as inputs (not constants), so
+calibrating again on arguments of the same shapes (`jact.Recalibration`) reuses the compilation.
 
 References:
   Liu et al., "GACT: Activation Compressed Training for Generic Network Architectures", ICML 2022.
@@ -242,8 +247,8 @@ class _Probed:
 
     self.gradient = gradient
     self._values = jax.jit(lambda args: gradient({}, *args)[1])
-    self.vjp_probe = jax.jit(functools.partial(_vjp_probe, gradient))
-    self.jvp_probe = jax.jit(functools.partial(_jvp_probe, gradient))
+    self.vjp_probes = jax.jit(functools.partial(_vjp_probes, gradient))
+    self.jvp_probes = jax.jit(functools.partial(_jvp_probes, gradient))
     self.gact_probe = jax.jit(functools.partial(_gact_probe, gradient))
 
   def residuals(self, args: Sequence[Any]) -> tuple[dict[Key, jax.Array], dict[str, ResidualInfo]]:
@@ -260,22 +265,33 @@ class _Probed:
     return self._values(list(args)), infos
 
 
-def _vjp_probe(gradient, weights, rng, zeros, args, scale):
-  """`weights + scale * (J^T u)^2` for a Rademacher u over the gradient: one Hutchinson probe."""
+def _vjp_probes(gradient, rngs, zeros, args):
+  """Mean of `(J^T u)^2` over Rademacher vectors u (one per key in `rngs`): Hutchinson's estimate
+  of each residual element's weight. The gradient is linearised once; each probe is one pass
+  through its transpose."""
   grads, pullback = jax.vjp(lambda d: gradient(d, *args)[0], zeros)
   leaves, tree = jax.tree.flatten(grads)
-  signs = [jax.random.rademacher(k, g.shape, g.dtype) for k, g in zip(jax.random.split(rng, len(leaves)), leaves)]
-  (v,) = pullback(jax.tree.unflatten(tree, signs))
-  return jax.tree.map(lambda w, x: w + scale * x.astype(jnp.float32) ** 2, weights, v)
+
+  def probe(weights, rng):
+    signs = [jax.random.rademacher(k, g.shape, g.dtype) for k, g in zip(jax.random.split(rng, len(leaves)), leaves)]
+    (v,) = pullback(jax.tree.unflatten(tree, signs))
+    return jax.tree.map(lambda w, x: w + x.astype(jnp.float32) ** 2 / len(rngs), weights, v), None
+
+  return jax.lax.scan(probe, {k: jnp.zeros(z.shape, jnp.float32) for k, z in zeros.items()}, rngs)[0]
 
 
-def _jvp_probe(gradient, selected, rng, sigma, zeros, args):
-  """||J t||^2 for t: Rademacher signs times `sigma` on the residuals `selected` (1.0) picks."""
-  keys = jax.random.split(rng, len(zeros))
-  tangent = {k: (selected[k] * jax.random.rademacher(r, s.shape, jnp.float32) * s).astype(zeros[k].dtype)
-             for r, (k, s) in zip(keys, sigma.items())}
-  _, tangent_grad = jax.jvp(lambda d: gradient(d, *args)[0], (zeros,), (tangent,))
-  return _squared_norm(tangent_grad)
+def _jvp_probes(gradient, selected, rngs, sigma, zeros, args):
+  """Mean of ||J t||^2 over tangents t (one per key in `rngs`): Rademacher signs times `sigma` on
+  the residuals that `selected` marks with 1.0, zero elsewhere. The gradient is linearised once."""
+  _, linear = jax.linearize(lambda d: gradient(d, *args)[0], zeros)
+
+  def probe(total, rng):
+    keys = jax.random.split(rng, len(sigma))
+    tangent = {k: (selected[k] * jax.random.rademacher(r, s.shape, jnp.float32) * s).astype(zeros[k].dtype)
+               for r, (k, s) in zip(keys, sigma.items())}
+    return total + _squared_norm(linear(tangent)) / len(rngs), None
+
+  return jax.lax.scan(probe, jnp.float32(0), rngs)[0]
 
 
 def _gact_probe(gradient, one_bit_a, one_bit_b, eight_bit, args):
@@ -289,11 +305,24 @@ def _squared_norm(tree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-@functools.partial(jax.jit, static_argnames="groups")
-def _noise_totals(weights: dict, values: dict, groups: Groups) -> dict[Key, jax.Array]:
-  """Per residual, `sum(weights * rounding variance)` at each width of `codec.SUPPORTED_BITS`."""
-  return {k: jnp.stack([jnp.sum(weights[k] * codec.rounding_variance(values[k], b, g)) for b in codec.SUPPORTED_BITS])
-          for k, g in groups}
+@functools.partial(jax.jit, static_argnames="group_size")
+def _noise_total(weight: jax.Array, value: jax.Array, group_size: int) -> jax.Array:
+  """`sum(weight * rounding variance of value)` at each width of `codec.SUPPORTED_BITS`.
+
+  Compiled per residual shape (few in a network), not once for all residuals: XLA:CPU compiles
+  one program with every residual's codec arithmetic slowly.
+  """
+  return jnp.stack([jnp.sum(weight * codec.rounding_variance(value, b, group_size)) for b in codec.SUPPORTED_BITS])
+
+
+def _noise_totals(weights: dict, values: dict, groups: Groups) -> dict[Key, np.ndarray]:
+  return jax.device_get({k: _noise_total(weights[k], values[k], g) for k, g in groups})
+
+
+@functools.partial(jax.jit, static_argnames="group_size")
+def _rounding_std(value: jax.Array, group_size: int) -> jax.Array:
+  """Per-element standard deviation of the 2-bit rounding error: the noise "jvp" probes with."""
+  return jnp.sqrt(codec.rounding_variance(value, 2, group_size))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
@@ -303,25 +332,21 @@ def _rounding_error(value: jax.Array, seed: jax.Array, bits: int, group_size: in
 
 def _variance_vjp(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
   zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
-  weights = {k: jnp.zeros(v.shape, jnp.float32) for k, v in values.items()}
-  probes = jax.random.split(jax.random.key(options.seed), options.num_probes)
-  for rng in tqdm(probes, desc="calibrate (vjp probes)", disable=not options.progress or None, leave=False):
-    weights = probed.vjp_probe(weights, rng, zeros, list(args), 1 / options.num_probes)
-  return jax.device_get(_noise_totals(weights, values, groups))
+  weights = probed.vjp_probes(jax.random.split(jax.random.key(options.seed), options.num_probes), zeros, list(args))
+  return _noise_totals(weights, values, groups)
 
 
 def _variance_jvp(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
-  reference = codec.SUPPORTED_BITS.index(2)  # the width whose noise is probed; others scale by the codec's noise ratio
+  reference = codec.SUPPORTED_BITS.index(2)  # `_rounding_std`'s width; others scale by the codec's noise ratio
   zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
-  sigma = jax.jit(lambda values: {k: jnp.sqrt(codec.rounding_variance(values[k], 2, g)) for k, g in groups})(values)
-  noise = jax.device_get(_noise_totals({k: 1.0 for k in values}, values, groups))
+  sigma = {k: _rounding_std(values[k], g) for k, g in groups}
+  noise = _noise_totals({k: 1.0 for k in values}, values, groups)
   totals = {}
   rng = jax.random.key(options.seed)
   for index, key in enumerate(tqdm(list(values), desc="calibrate (jvp per residual)", disable=not options.progress or None, leave=False)):
     selected = {k: float(k == key) for k in values}
     probes = jax.random.split(jax.random.fold_in(rng, index), options.num_probes)
-    totals[key] = sum(probed.jvp_probe(selected, r, sigma, zeros, list(args)) for r in probes) / options.num_probes
-  totals = jax.device_get(totals)
+    totals[key] = float(probed.jvp_probes(selected, probes, sigma, zeros, list(args)))
   return {k: totals[k] * noise[k] / noise[k][reference] if noise[k][reference] > 0 else np.zeros(len(noise[k]))
           for k in values}
 
@@ -333,8 +358,7 @@ def _variance_gact(probed: _Probed, args, values: dict, groups: Groups, options:
   for (key, group_size), key_seeds in zip(tqdm(groups, desc="calibrate (gact, 3 passes per residual)",
                                                disable=not options.progress or None, leave=False), seeds):
     errors = [_rounding_error(values[key], s, bits, group_size) for bits, s in zip((1, 1, 8), key_seeds)]
-    constants[key] = probed.gact_probe(*({**zeros, key: e} for e in errors), list(args))
-  constants = jax.device_get(constants)
+    constants[key] = float(probed.gact_probe(*({**zeros, key: e} for e in errors), list(args)))
   return {k: np.array([c / (2**b - 1) ** 2 if b <= 8 else 0.0 for b in codec.SUPPORTED_BITS]) for k, c in constants.items()}
 
 
@@ -396,7 +420,7 @@ def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budg
     argnums: which argument the gradient is taken with respect to (the parameters).
     has_aux: `loss_fn` returns `(loss, aux)`.
     seed: seeds the probes.
-    progress: show a progress bar.
+    progress: show a progress bar over the residuals ("jvp" and "gact"; "vjp" is one call).
 
   Returns:
     A `jact.policies.Calibrated` policy.
