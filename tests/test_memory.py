@@ -1,7 +1,8 @@
 """Memory is real: compiled temp bytes of a 16-layer MLP fall, not just the sum of residual bytes."""
 
 import functools
-import time
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +58,24 @@ def test_memory_compiled_reports_all_fields():
   assert m.peak == m.argument + m.output - m.alias + m.temp and "temp" in str(m)
 
 
-def compile_seconds(bits):
-  start = time.perf_counter()
-  jax.jit(jax.grad(mlp_loss(wrapped(bits)))).lower(*abstract_inputs()).compile()
-  return time.perf_counter() - start
+def compiled_hlo(bits, depth=DEPTH) -> str:
+  ws, x = abstract_inputs()
+  return jax.jit(jax.grad(mlp_loss(wrapped(bits)))).lower(ws[:depth], x).compile().as_text()
 
 
-def test_compile_time_stays_within_twice_the_baseline():
-  """No constant folding of the codec: the compressed step compiles in at most 2x the baseline's
-  time. Each is measured twice and the faster taken, as this machine is shared and noisy."""
-  base = min(compile_seconds(None) for _ in range(2))
-  compressed = min(compile_seconds(2) for _ in range(2))
-  assert compressed <= 2 * base, (compressed, base)
+def test_codec_work_is_not_constant_folded():
+  """Noise hashed from indices alone, or a residual that is a compile-time constant, would let
+  XLA fold the codec into huge literals at compile time (minutes for a ResNet-50). The optimised
+  step holds no constant larger than the codec's shift tables."""
+  sizes = [math.prod(int(d) for d in dims.split(",") if d) for dims in
+           re.findall(r"= \w+\[([\d,]*)\]\{?[\d,]*\}? constant\(", compiled_hlo(2))]
+  assert sizes and max(sizes) <= 8, sizes
+
+
+def test_codec_kernels_grow_linearly_with_depth():
+  """Each compressed layer adds the same kernels: compilation work grows linearly with depth.
+  (XLA:CPU compiles every kernel separately, so a compressed layer costs several times an
+  uncompressed layer's compile time; the figures are in the issue notes and the README.)"""
+  count = lambda depth: compiled_hlo(2, depth).count(" fusion(")
+  four, eight, sixteen = count(4), count(8), count(16)
+  assert sixteen - eight == 2 * (eight - four), (four, eight, sixteen)
