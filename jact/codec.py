@@ -49,7 +49,10 @@ KERNELS = ("auto", "pallas", "xla")
 FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 GROUP_SIZE_QUANTUM = 64  # group_size must be a multiple: one byte at 1 bit, room for a float64
 METADATA_BITS_PER_GROUP = 32  # (lo, hi) in bfloat16
-MIN_RANGE = 2.0**-100  # floor on a group's range, so that levels / range stays finite
+# Floor on a group's range: keeps levels / range finite and range / levels a normal float32 for up
+# to 255 levels (XLA:CPU flushes subnormals to zero). A group whose range is below it (values
+# within ~3e-36 of each other) decodes within its range instead of within one grid step.
+MIN_RANGE = 2.0**-118
 
 
 def check_bits(bits: Any, what: str = "bits") -> int:
