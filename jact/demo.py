@@ -1,142 +1,142 @@
-"""`jact demo`: train an MLP on scikit-learn's digits with and without compressed residuals.
+"""`jact demo`: the whole story of jact on scikit-learn's digits, on a CPU, in a few minutes.
 
-Every variant trains the same model from the same initialisation on the same batches; the table
-compares what the forward pass stores for the backward pass, what the compiled training step
-needs, how long a step takes relative to the baseline (measured interleaved, in this process)
-and the test accuracy reached.
+A Flax MLP whose hidden layers are `jact.compressed` blocks classifies the 8x8 digits. The demo
+prints what the backward pass keeps (`jact.residuals`), the widths `jact.calibrate` chooses for
+an average of 2 bits, then trains the same initial variables on the same batches without
+compression, with `jax.checkpoint` (`nn.remat`), at 8, 4 and 2 bits and with the calibrated
+policy, and compares what the forward pass stores, what the compiled training step needs
+(`jact.memory.compiled`, at a larger batch from abstract shapes), how long a step takes relative
+to the baseline (measured interleaved, in this process) and the test accuracy reached. A plot
+of the loss curves and the memory is saved at a path it prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Callable
+import pathlib
+from typing import Any
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 import jact
 from jact.info import format_bytes
+from jact.models import common, registry, tasks, training
+
+WIDTH, DEPTH, BATCH, CALIBRATED_BITS = 512, 6, 128, 2.0
 
 
-DEPTH = 6
+class DenseBlock(nn.Module):
+  """A hidden layer: dense, then GELU."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.gelu(nn.Dense(self.features)(x))
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  name: str
-  wrap: Callable[[Callable], Callable]  # applied to each hidden layer
+class MLP(nn.Module):
+  """Flattens the input and applies `num_layers` `DenseBlock`s (named `layer_{i}`) and a head.
+
+  Attributes:
+    hidden_features: width of the hidden layers.
+    num_layers: hidden layers.
+    num_classes: size of the output logits.
+    train: unused (no dropout or BatchNorm); the zoo's evaluation clones with `train=False`.
+    wrap_block: class transform applied to `DenseBlock`, e.g. `jact.compressed`.
+  """
+
+  hidden_features: int
+  num_layers: int
+  num_classes: int = 10
+  train: bool = True
+  wrap_block: common.BlockWrapper | None = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = images.reshape(images.shape[0], -1)
+    block = common.wrap(DenseBlock, self.wrap_block)
+    for i in range(self.num_layers):
+      x = block(self.hidden_features, name=f"layer_{i}")(x)
+    return nn.Dense(self.num_classes, name="head")(x)
 
 
-def variants() -> list[Variant]:
-  compress = lambda bits: (lambda f: jact.remat_compress(f, bits=bits, keep_argnums=(1, 2)))
-  return [Variant("baseline", lambda f: f), Variant("jax.checkpoint", jax.checkpoint),
-          Variant("jact 8 bits", compress(8)), Variant("jact 4 bits", compress(4)),
-          Variant("jact 2 bits", compress(2))]
+def mlp_task(steps: int, width: int = WIDTH, depth: int = DEPTH, batch_size: int = BATCH) -> tasks.Task:
+  """The digits task (`tasks.digits_task`'s data and sampling) with the demo's MLP."""
+  digits = tasks.digits_task(steps=steps, batch_size=batch_size, learning_rate=1e-3)
 
+  def build(wrap_block):
+    module = MLP(width, depth, wrap_block=wrap_block)
+    return registry.ModelSpec("mlp", "demo", module, digits.sample, registry.classification_loss)
 
-def load_digits(seed: int = 0):
-  """scikit-learn's bundled 8x8 digits (1797 images, no download), split 80/20, standardised."""
-  from sklearn.datasets import load_digits as sklearn_digits
-  data = sklearn_digits()
-  order = np.random.default_rng(seed).permutation(len(data.target))
-  x, y = data.data[order].astype(np.float32), data.target[order].astype(np.int32)
-  split = int(0.8 * len(y))
-  mean, std = x[:split].mean(0), x[:split].std(0) + 1e-3
-  x = (x - mean) / std
-  return (x[:split], y[:split]), (x[split:], y[split:])
-
-
-def hidden_layer(x, w, b):
-  return jax.nn.gelu(x @ w + b)
-
-
-def init_mlp(key, sizes):
-  params = []
-  for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-    params.append((jax.random.normal(k, (m, n)) * (2 / m) ** 0.5, jnp.zeros(n)))
-  return params
-
-
-def make_step(layer: Callable, optimizer: optax.GradientTransformation):
-  def loss_fn(params, x, y):
-    for w, b in params[:-1]:
-      x = layer(x, w, b)
-    w, b = params[-1]
-    return optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y).mean()
-
-  def step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return loss_fn, step
-
-
-def accuracy(params, x, y) -> float:
-  for w, b in params[:-1]:
-    x = hidden_layer(x, w, b)
-  w, b = params[-1]
-  return float(jnp.mean(jnp.argmax(x @ w + b, -1) == y))
+  return digits.replace(build=build, description=f"{depth}-hidden-layer GELU MLP (width {width}) "
+                        "on scikit-learn's 8x8 digits")
 
 
 @dataclasses.dataclass
 class Result:
+  """One variant: its memory, speed, accuracy and loss curve."""
   name: str
+  wrap_block: Any
   residual_bytes: int = 0
   temp_bytes: int = 0
   step_seconds: float = 0.0
   accuracy: float = 0.0
-  losses: list = dataclasses.field(default_factory=list)
+  losses: np.ndarray | None = None
 
 
-def run(steps: int = 400, batch: int = 256, width: int = 512, depth: int = DEPTH, memory_batch: int = 4096,
-        seed: int = 0, timing_rounds: int = 5) -> list[Result]:
-  """Trains every variant and measures it; returns one Result per variant."""
-  (x_train, y_train), (x_test, y_test) = load_digits(seed)
-  sizes = [x_train.shape[1]] + [width] * depth + [10]
-  optimizer = optax.adam(1e-3)
-  init = init_mlp(jax.random.key(seed), sizes)
-  order = np.random.default_rng(seed).integers(0, len(y_train), size=(steps, batch))
-  results, steps_fns, states = [], [], []
-  for variant in variants():
-    loss_fn, step = make_step(variant.wrap(hidden_layer), optimizer)
-    result = Result(variant.name)
-    big_x = jax.ShapeDtypeStruct((memory_batch, sizes[0]), jnp.float32)
-    big_y = jax.ShapeDtypeStruct((memory_batch,), jnp.int32)
-    result.residual_bytes = jact.residuals(loss_fn, init, big_x, big_y, keep_argnums=(0,)).activation_nbytes(stored=True)
-    result.temp_bytes = jact.memory.compiled(step, init, optimizer.init(init), big_x, big_y).temp
-    step = jax.jit(step)
-    params, opt_state = init, optimizer.init(init)
-    for i in tqdm(range(steps), desc=f"{variant.name:>15}", leave=False, disable=None):
-      params, opt_state, loss = step(params, opt_state, x_train[order[i]], y_train[order[i]])
-      result.losses.append(float(loss))
-    result.accuracy = accuracy(params, x_test, y_test)
-    results.append(result)
-    steps_fns.append(step)
-    states.append((params, opt_state))
-  _time_interleaved(results, steps_fns, states, x_train[order[0]], y_train[order[0]], timing_rounds)
-  return results
+def variants(policy: jact.policies.Calibrated) -> list[Result]:
+  return [Result("baseline", None), Result("jax.checkpoint", nn.remat),
+          Result("jact 8 bits", training.compressed_blocks(8)),
+          Result("jact 4 bits", training.compressed_blocks(4)),
+          Result("jact 2 bits", training.compressed_blocks(2)),
+          Result(f"jact calibrated, avg {CALIBRATED_BITS:g}", training.compressed_blocks(policy))]
 
 
-def _time_interleaved(results, steps_fns, states, x, y, rounds: int, repeats: int = 10):
-  """Median step time of each variant, measured in alternation so machine noise hits all alike."""
-  samples = [[] for _ in results]
-  for _ in tqdm(range(rounds), desc="timing", leave=False, disable=None):
-    for k, (step, (params, opt_state)) in enumerate(zip(steps_fns, states)):
-      start = time.perf_counter()
-      for _ in range(repeats):
-        params, opt_state, loss = step(params, opt_state, x, y)
-      jax.block_until_ready(loss)
-      samples[k].append((time.perf_counter() - start) / repeats)
-  for result, times in zip(results, samples):
-    result.step_seconds = float(np.median(times))
+def run(task: tasks.Task, memory_batch: int = 4096, seed: int = 0, timing_rounds: int = 5,
+        verbose: bool = True) -> tuple[list[Result], jact.policies.Calibrated]:
+  """Calibrates, trains and measures every variant; returns the results and the calibrated policy."""
+  say = print if verbose else lambda *args, **kwargs: None
+  params, state = training.init(task, seed)
+  say(f"\nResiduals of the loss at batch {memory_batch}, every hidden layer jact.compressed at 2 bits "
+      "(jact.residuals):\n")
+  say(training.residual_table(task, training.compressed_blocks(2), memory_batch))
+  policy = training.calibrate(task, params, state, seed, CALIBRATED_BITS, progress=True)
+  say(f"\nWidths for an average of {CALIBRATED_BITS:g} bits, from each residual's effect on the gradient "
+      "(jact.calibrate on the first batch):\n")
+  say(policy)
+  results = variants(policy)
+  score = training.evaluator(task)
+  trainers = []
+  for result in results:
+    trainer = training.Trainer(task, result.wrap_block)
+    with tqdm(total=task.steps, desc=f"train {result.name}", leave=False, disable=None) as bar:
+      trained = trainer.train(params, state, seed, progress=bar)
+    result.losses, result.accuracy = trained.losses, score(trained.params, trained.state)
+    trainers.append((trainer, trained))
+  for result in tqdm(results, desc=f"compiled memory at batch {memory_batch}", leave=False, disable=None):
+    result.residual_bytes = training.residual_table(task, result.wrap_block, memory_batch).activation_nbytes(stored=True)
+    result.temp_bytes = training.step_memory(task, result.wrap_block, memory_batch).temp
+  calls = [_step_call(trainer, trained, seed) for trainer, trained in trainers]
+  with tqdm(total=timing_rounds, desc="step time (interleaved)", leave=False, disable=None) as bar:
+    times = training.time_interleaved(calls, rounds=timing_rounds, progress=bar)
+  for result, seconds in zip(results, times):
+    result.step_seconds = seconds
+  return results, policy
+
+
+def _step_call(trainer: training.Trainer, trained: training.Trained, seed: int):
+  """A training step of `trainer` from its final variables, on the run's first batch."""
+  opt_state = trainer.tx.init(trained.params)
+  batch = trainer.batch(seed, 0)
+  return lambda: trainer.step(trained.params, trained.state, opt_state, *batch)
 
 
 def table(results: list[Result], memory_batch: int) -> str:
+  """The comparison as a markdown table, ratios relative to the first (baseline) row."""
   base = results[0]
   header = ("variant", f"residual bytes @{memory_batch}", f"compiled temp @{memory_batch}",
             "step time vs baseline", "test accuracy")
@@ -144,16 +144,45 @@ def table(results: list[Result], memory_batch: int) -> str:
   rows = [(r.name, format_bytes(r.residual_bytes) + less(r.residual_bytes, base.residual_bytes),
            format_bytes(r.temp_bytes) + less(r.temp_bytes, base.temp_bytes),
            f"{r.step_seconds / base.step_seconds:.2f}x", f"{100 * r.accuracy:.1f}%") for r in results]
-  widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-  line = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"
-  return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+  return training.markdown_table(header, rows)
 
 
-def main(steps: int = 400, memory_batch: int = 4096) -> list[Result]:
-  print(f"jact demo: a {DEPTH}-hidden-layer GELU MLP (width 512) on scikit-learn digits, {steps} Adam steps "
-        f"of batch 256, on {jax.default_backend()}.")
-  results = run(steps=steps, memory_batch=memory_batch)
+def plot(results: list[Result], memory_batch: int, path: pathlib.Path) -> pathlib.Path:
+  """Saves loss curves and memory bars of every variant as a PNG at `path`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (losses, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for result in results:
+    losses.plot(training.smooth(result.losses, 20), label=result.name, lw=1)
+  losses.set(title="training loss (moving average of 20 steps)", xlabel="step", yscale="log")
+  losses.legend()
+  position = np.arange(len(results))
+  mib = lambda values: [v / 2**20 for v in values]
+  memory.bar(position - 0.2, mib(r.temp_bytes for r in results), 0.4, label="compiled temp")
+  memory.bar(position + 0.2, mib(r.residual_bytes for r in results), 0.4, label="residual bytes")
+  memory.set(title=f"memory of a training step at batch {memory_batch}", ylabel="MiB",
+             xticks=position)
+  memory.set_xticklabels([r.name for r in results], rotation=20, ha="right")
+  memory.legend()
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main(steps: int = 400, memory_batch: int = 4096,
+         plot_path: pathlib.Path = pathlib.Path("results/jact-demo.png")) -> list[Result]:
+  task = mlp_task(steps)
+  print(f"jact demo: a {task.description}, {steps} AdamW steps of batch {task.batch_size} per variant, "
+        f"on {jax.default_backend()}.")
+  results, _ = run(task, memory_batch=memory_batch)
+  print()
   print(table(results, memory_batch))
-  print("residual bytes: what the forward pass hands to the backward pass, excluding parameters; "
-        "compiled temp: XLA's scratch memory of the whole training step (forward, backward, Adam).")
+  print("\nresidual bytes: what the forward pass hands to the backward pass, excluding parameters; "
+        "compiled temp: XLA's scratch memory of the whole training step (forward, backward, AdamW); "
+        "step time at the training batch.")
+  print(f"plot: {plot(results, memory_batch, plot_path)}")
   return results

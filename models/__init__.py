@@ -29,6 +29,12 @@ Registry:
     train_step(optimizer) -> step(params, state, opt_state, batch, rng)
                              -> (params, state, opt_state, loss)
 
+Real data and training (submodules, imported as `from jact.models import tasks, training`):
+  datasets: scikit-learn's digits, Python's documentation as characters, a planted-community graph.
+  tasks: digits_task, text_task, graph_task -> Task (a model builder, data, sampler, metric).
+  training: compressed_blocks, Trainer, evaluator, calibrate, NoiseProbe, step_memory,
+    residual_table, max_batch, time_interleaved.
+
 A paper-size step compiles on CPU without data::
 
     spec = get_model("resnet50", "paper")
