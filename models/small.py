@@ -125,17 +125,17 @@ def compressed_squared_errors(loss: Callable[[Any], Callable], params: Any, x: j
 
 
 def residual_squared_errors(loss_fn: Callable, args: Sequence[Any], names: Sequence[str], bits: Sequence[int],
-                            num_seeds: int = 64) -> dict[tuple[str, int], np.ndarray]:
+                            num_seeds: int = 64, has_aux: bool = False) -> dict[tuple[str, int], np.ndarray]:
   """`squared_errors` with one residual name quantised and every other residual exact.
 
-  The gradient of `loss_fn` with respect to `args[0]` is taken with the residuals named `name`
-  replaced by their decoded values at each width in `bits` (the codec's stochastic rounding),
-  against the exact gradient.
+  The gradient of `loss_fn` (returning `(loss, aux)` with `has_aux`) with respect to `args[0]`
+  is taken with the residuals named `name` replaced by their decoded values at each width in
+  `bits` (the codec's stochastic rounding), against the exact gradient.
 
   Returns:
     `{(name, bits): squared errors}`.
   """
-  probed = sensitivity._Probed(loss_fn, {}, 0, False)
+  probed = sensitivity._Probed(loss_fn, {}, 0, has_aux)
   values, infos = probed.residuals(args)
   gradient = jax.jit(lambda deltas, args: probed.gradient(deltas, *args)[0])
   exact = gradient({}, list(args))
