@@ -3,6 +3,7 @@
   python benchmarks/calibrate.py              # the full run, written to results/calibrate
   python benchmarks/calibrate.py --small      # a quick run: fewer seeds and probes, ResNet-18 batch 8
   python benchmarks/calibrate.py --parts cost --out /tmp/calibrate
+  python benchmarks/calibrate.py --report a/calibrate.json b/calibrate.json --out /tmp/both   # merge runs
 
 Parts:
   prediction  On three small models (`jact.models.small`: a GELU MLP, conv + BatchNorm blocks, a
@@ -313,11 +314,13 @@ def plot(report: dict, out: pathlib.Path) -> list[pathlib.Path]:
       if gact is not None:
         by_name = {r["residual"]: r["sensitivity"] for r in gact}
         ax.plot(range(len(rows)), [max(by_name[r["residual"]], floor) for r in rows], "k.", label="gact's estimate")
-      ax.set_xticks(range(len(rows)), [r["residual"].removeprefix("ResNet/") for r in rows], rotation=90, fontsize=6)
+      crowded = len(rows) > 24
+      ax.set_xticks(range(len(rows)), [r["residual"].removeprefix("ResNet/") for r in rows],
+                    rotation=90 if crowded else 30, ha="center" if crowded else "right", fontsize=6 if crowded else 9)
       ax.set_ylabel("predicted variance at 1 bit")
       ax.set_title(f"{title}: sensitivity per residual, colour = chosen bits (zero sensitivity: at the floor)", fontsize=10)
       handles = [plt.Rectangle((0, 0), 1, 1, color=c) for b, c in colours.items() if any(r["bits"] == b for r in rows)]
-      labels = [f"{b} bits" for b in colours if any(r["bits"] == b for r in rows)]
+      labels = [f"{b} bit{'s' if b > 1 else ''}" for b in colours if any(r["bits"] == b for r in rows)]
       if gact is not None:
         handles.append(ax.lines[0])
         labels.append("gact's estimate")
@@ -360,8 +363,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--small", action="store_true", help="fewer seeds and probes, ResNet-18 batch 8")
   parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/calibrate"))
+  parser.add_argument("--report", type=pathlib.Path, nargs="+", metavar="JSON",
+                      help="measure nothing: print the tables and draw the plots of these calibrate.json files "
+                           "(separate runs merged; a later file's part replaces an earlier one's)")
   args = parser.parse_args(argv)
   args.out.mkdir(parents=True, exist_ok=True)
+  if args.report:
+    report = {}
+    for path in args.report:
+      report.update({k: v for k, v in json.loads(path.read_text()).items() if k in PARTS})
+    paths = plot(report, args.out)
+    for text in tables(report):
+      print(text, end="\n\n")
+    print(f"wrote {', '.join(map(str, paths))}")
+    return 0
   config = SMALL if args.small else FULL
   steps = {"prediction": len(small.MODELS), "allocation": 2,
            "cost": 2 * (len(config.vjp_probes) + 2) + len(config.vjp_probes) + 4}
