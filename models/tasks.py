@@ -113,7 +113,7 @@ def digits_task(steps: int = 400, batch_size: int = 64, num_filters: int = 16,
               _labels, batch_size, steps, learning_rate, "test accuracy")
 
 
-def text_task(steps: int = 1000, batch_size: int = 32, seq_len: int = 64, hidden_size: int = 32,
+def text_task(steps: int = 600, batch_size: int = 32, seq_len: int = 64, hidden_size: int = 32,
               num_layers: int = 2, num_heads: int = 2, learning_rate: float = 3e-3) -> Task:
   """A GPT-2-style causal transformer predicting the next character of Python's documentation.
 
@@ -133,7 +133,7 @@ def text_task(steps: int = 1000, batch_size: int = 32, seq_len: int = 64, hidden
               learning_rate, "next-character accuracy")
 
 
-def graph_task(steps: int = 300, size: graphs.GraphSize = graphs.GraphSize(4000, 16000, 32, 8),
+def graph_task(steps: int = 200, size: graphs.GraphSize = graphs.GraphSize(4000, 16000, 32, 8),
                hidden_features: int = 64, num_layers: int = 3, learning_rate: float = 1e-2) -> Task:
   """A GCN classifying the nodes of a graph with planted communities (half the nodes labelled).
 
