@@ -370,4 +370,4 @@ def _dequantize_packed(payload, lo, hi, shape, dtype, bits: int, group_size: int
   lo, hi = lo.astype(jnp.float32)[..., None], hi.astype(jnp.float32)[..., None]
   values = formulas.decode_codes(codes, lo, hi, 2**bits - 1).astype(dtype)
   exact = _bytes_value(payload, dtype)[..., None]
-  return layout.from_groups(jnp.where(lo == hi, exact, values))
+  return layout.from_groups(jax.lax.select(jnp.broadcast_to(lo == hi, values.shape), jnp.broadcast_to(exact, values.shape), values))

@@ -5,8 +5,8 @@ floating-point operations in the same order, so that a kernel built from them st
 reference's bits. Where the reference uses an operation that the Pallas GPU (Triton) lowering does
 not have, or lowers with different semantics, an exact equivalent takes its place:
 
-* `jnp.nextafter` on bfloat16 (no lowering) -> `bf16_next`, integer steps on the bit pattern,
-  which is how XLA expands it;
+* `jnp.nextafter` on bfloat16 (no lowering) -> `bf16_step`, integer steps on the bit pattern
+  (as XLA expands it, less the cases that directed rounding never steps from);
 * float min/max, which Triton lowers NaN-ignoring (`maxnumf`) where XLA means to propagate NaN ->
   `group_min_max` adds an explicit NaN flag (XLA:CPU itself drops NaN in row-wise min/max of
   arrays with several rows of 512 or more float32 values, so the reference misses those);
@@ -53,34 +53,32 @@ def group_min_max(values: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, ja
   return lo, hi
 
 
-def bf16_next(value: jax.Array, direction: float) -> jax.Array:
-  """`jnp.nextafter(value, direction * inf)` for bfloat16, as integer steps on the bit pattern."""
+def bf16_step(value: jax.Array, direction: float) -> jax.Array:
+  """`jnp.nextafter(value, direction * inf)` for bfloat16 that is not NaN and not the infinity of
+  `direction` (the only values `bf16_toward` steps from), as integer steps on the bit pattern."""
   bits = jax.lax.bitcast_convert_type(value, jnp.uint16)
-  toward_negative = direction < 0
-  limit = np.uint16(0xFF80 if toward_negative else 0x7F80)  # the bits of -inf / +inf
-  negative = bits >= _BF16_SIGN
-  # Toward -inf a negative value grows in magnitude, a positive one shrinks; toward +inf the reverse.
-  grows = negative if toward_negative else ~negative
-  stepped = jnp.where(grows, bits + np.uint16(1), bits - np.uint16(1))
-  smallest = np.uint16(0x8001 if toward_negative else 0x0001)  # from +-0: the signed least subnormal
-  stepped = jnp.where((bits & _BF16_MAGNITUDE) == 0, smallest, stepped)
-  stepped = jnp.where((bits == limit) | jnp.isnan(value), bits, stepped)
-  return jax.lax.bitcast_convert_type(stepped, jnp.bfloat16)
+  toward = _BF16_SIGN if direction < 0 else np.uint16(0)  # the sign bit of `direction`
+  # A value of the sign of `direction` grows in magnitude, and so does the zero of the other sign
+  # (it becomes the least subnormal of that sign); every other value shrinks.
+  grows = ((bits & _BF16_SIGN) == toward) | (bits == (toward ^ _BF16_SIGN))
+  grown = (bits | _BF16_SIGN if direction < 0 else bits & _BF16_MAGNITUDE) + np.uint16(1)
+  return jax.lax.bitcast_convert_type(jax.lax.select(grows, grown, bits - np.uint16(1)), jnp.bfloat16)
 
 
 def bf16_toward(value: jax.Array, direction: float) -> jax.Array:
   """float32 `value` rounded to bfloat16 downward (direction < 0) or upward (direction > 0)."""
   rounded = value.astype(jnp.float32).astype(jnp.bfloat16)
   back = rounded.astype(value.dtype)
+  # False for NaN; and rounding never overshoots to the infinity of `direction`.
   wrong_side = back > value if direction < 0 else back < value
-  return jnp.where(wrong_side, bf16_next(rounded, direction), rounded)
+  return jax.lax.select(wrong_side, bf16_step(rounded, direction), rounded)
 
 
 def group_bounds(lo_exact: jax.Array, hi_exact: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The stored bfloat16 (lo, hi) of each group and whether the group is constant."""
   constant = lo_exact == hi_exact  # False for NaN groups
   lo = bf16_toward(lo_exact, -1.0)
-  hi = jnp.where(constant, lo, bf16_toward(hi_exact, +1.0))
+  hi = jax.lax.select(constant, lo, bf16_toward(hi_exact, +1.0))
   return lo, hi, constant
 
 
@@ -93,7 +91,8 @@ def quantize_codes(values: jax.Array, lo: jax.Array, scale: jax.Array, noise, le
   """uint8 grid indices: `floor((values - lo) * scale + noise)` clipped to [0, levels]; NaN -> 0."""
   scaled = (values - lo.astype(jnp.float32)) * scale
   index = jnp.floor(scaled + noise)
-  return jnp.where(jnp.isnan(index), 0, jnp.clip(index, 0, levels)).astype(jnp.uint8)
+  clipped = jnp.minimum(jnp.maximum(index, np.float32(0)), np.float32(levels))
+  return jax.lax.select(jnp.isnan(index), jnp.zeros_like(index), clipped).astype(jnp.uint8)
 
 
 def _code_shifts(shape: tuple[int, ...], bits: int) -> jax.Array:
