@@ -63,8 +63,16 @@ def use_policy(policy) -> Iterator[None]:
   This is how a bit table that arrives after a model was built (`jact.calibrate`) reaches it:
 
       policy = jact.calibrate(loss_fn, params, probe_batch, avg_bits=2)
-      with jact.use_policy(policy):
-        step = jax.jit(train_step)      # traced here: every compressed call uses `policy`
+
+      @functools.partial(jax.jit, static_argnames="policy")
+      def train_step(state, batch, policy=None):
+        with jact.use_policy(policy):   # applies while the step is traced
+          ...
+
+      state = train_step(state, batch, policy=policy)   # a new policy retraces the step
+
+  `jax.jit` traces at the first call, not where it is applied: a `use_policy` block around
+  `jax.jit(f)`, or around the call of an already-traced function, does not change its bits.
 
   Args:
     policy: anything `bits=` accepts (an int or a policy), or None to restore each call's own.
