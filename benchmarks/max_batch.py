@@ -45,11 +45,16 @@ def max_batch(model: str, variant_key: str, budget: int, resolution: float) -> i
   slope = (peak_bytes(model, variant_key, high_batch) - peak_bytes(model, variant_key, low_batch)) / 4
   base = peak_bytes(model, variant_key, low_batch) - slope * low_batch
   guess = max(1, int((budget - base) / slope)) if slope > 0 else 1
-  low, high = 1, max(2, guess)
-  while fits(high):  # bracket: low fits, high does not
-    low, high = high, high * 2
+  # Peak memory is close to affine in the batch, so the guess is near; bracket it in small steps.
+  step_up = 1 + 4 * resolution
   if fits(guess):
-    low = max(low, guess)
+    low, high = guess, int(guess * step_up) + 1
+    while fits(high):
+      low, high = high, int(high * step_up) + 1
+  else:
+    low, high = max(1, int(guess / step_up)), guess
+    while not fits(low):
+      low, high = max(1, int(low / step_up)), low
   while high - low > max(1, int(low * resolution)):
     middle = (low + high) // 2
     low, high = (middle, high) if fits(middle) else (low, middle)
