@@ -32,7 +32,9 @@ def residuals(fn: Callable, *args: Any, keep_argnums: Sequence[int] = (), **kwar
   Returns:
     A `ResidualTable` (a list of `ResidualInfo`) that prints as a table with totals.
   """
-  fun = inspect.unwrap(fn)  # a jax.jit wrapper would serve inner traces from its cache
+  # Unwrap jax.jit (its cache would serve inner traces), but not other wrappers: a compressed
+  # function's own `__wrapped__` is the uncompressed one.
+  fun = inspect.unwrap(fn, stop=lambda f: not hasattr(f, "lower"))
   leaves, in_tree = jax.tree.flatten((args, kwargs))
   kept = [i in keep_argnums for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
   kept += [False] * (len(leaves) - len(kept))

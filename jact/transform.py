@@ -224,6 +224,11 @@ def _choose_bits(info: ResidualInfo, config: _Config, used_nonlinearly: bool) ->
     return dataclasses.replace(info, kept_because=f"< min_size={config.min_size}")
   if used_nonlinearly:
     return dataclasses.replace(info, kept_because="nonlinear in backward")
+  if len(info.shape) >= 2 and info.shape[-1] == 1:
+    # One value per row (a softmax's 1/s**2, a LayerNorm's 1/sigma, a node's degree): a group
+    # would span rows of unrelated scales, and rounding the small ones scales whole rows'
+    # gradients. At 1/(row length) of the row's bytes, keeping them costs little.
+    return dataclasses.replace(info, kept_because="per-row statistic")
   bits = config.policy(info)
   try:
     bits = codec.check_bits(bits, what="bits")
@@ -557,8 +562,10 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   primitives `f` uses, their residuals are covered.
 
   What is never compressed: arguments listed in `keep_argnums` (parameters: they are alive anyway),
-  values `f` closes over, values computed from those alone, constants, non-float residuals, and
-  residuals with fewer than `min_size` elements.
+  values `f` closes over, values computed from those alone, constants, non-float residuals,
+  residuals with fewer than `min_size` elements, residuals the backward pass uses non-polynomially,
+  and per-row statistics (residuals whose innermost axis has extent 1, such as a softmax's
+  normaliser: a group would span rows of unrelated scales).
 
   Example::
 

@@ -124,7 +124,8 @@ def test_residual_table_keeps_parameters_small_and_integer_residuals():
   assert any(r.is_argument and r.name == "f/w" for r in by_source["parameter"])
   assert any(r.name == "f/x" and r.bits == 4 and r.source == "input" for r in table)
   kept = [r for r in table if r.bits == 32 and r.source in ("activation", "input")]
-  assert kept and all(r.size < 1024 or not jnp.issubdtype(r.dtype, jnp.floating) for r in kept)
+  assert kept and all(r.size < 1024 or not jnp.issubdtype(r.dtype, jnp.floating)
+                      or r.kept_because == "per-row statistic" and r.shape[-1] == 1 for r in kept)
   assert all(r.stored_nbytes < r.nbytes for r in table if r.bits == 4)
   names = [r.name for r in table]
   assert len(names) == len(set(names))
@@ -210,6 +211,25 @@ def test_bad_arguments():
     jact.remat_compress(lambda x, mode: x)(jnp.ones(3), "train")
   with pytest.raises(TypeError, match="bits must be"):
     jact.remat_compress(layer, bits="two")
+
+
+def test_per_row_statistics_are_kept():
+  """A softmax's normaliser (one value per row) is kept; its probabilities are compressed."""
+  x = jax.random.normal(jax.random.key(0), (8192, 64))  # more rows than min_size
+  table = jact.residuals(jact.remat_compress(jax.nn.softmax, bits=2), x)
+  rows = [r for r in table if r.shape == (8192, 1)]
+  assert rows and all(r.bits == 32 for r in rows)
+  assert any(r.kept_because == "per-row statistic" for r in rows)
+  assert [r.bits for r in table if r.shape == (8192, 64)] == [2]
+
+
+def test_residual_table_of_a_compressed_function_passed_directly():
+  """`jact.residuals(remat_compress(g), x)` reports the compressed call, under jit too."""
+  x = jax.random.normal(jax.random.key(0), (256, 512))
+  g = jact.remat_compress(lambda x: jnp.exp(x) * 3, bits=2)
+  for fn in (g, jax.jit(g)):
+    (r,) = jact.residuals(fn, x)
+    assert r.bits == 2 and r.stored_nbytes < r.nbytes / 8
 
 
 def test_constant_residuals_are_kept():
