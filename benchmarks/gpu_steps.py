@@ -23,12 +23,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import variants as V  # noqa: E402
 
 import jact  # noqa: E402
+from jact.models import training  # noqa: E402
 
 STEP_MODELS = {"resnet50": 64, "bert_base": 32}
 PEAK_MODELS = {"resnet50": 64, "bert_large": 32}
@@ -48,24 +48,22 @@ def _setup(model: str, variant: V.Variant, batch: int, size: str):
   return step, [params, state, optimizer.init(params), data, V.rng_key()]
 
 
+def _advancing(step, args):
+  """A call of `step` that carries its parameters, state and optimizer state to the next call."""
+  def call():
+    *args[:3], loss = step(*args)
+    return loss
+  return call
+
+
 def step_times(size: str, batches: dict[str, int], rounds: int, repeats: int) -> dict:
   """Median seconds per step of every variant, timed in alternation."""
   out = {}
   for model, batch in batches.items():
     runs = {name: _setup(model, variant, batch, size) for name, variant in STEP_VARIANTS.items()}
-    for step, args in runs.values():  # compile and warm up
-      args[:3] = step(*args)[:3]
-    samples = {name: [] for name in runs}
-    for _ in range(rounds):
-      for name, (step, args) in runs.items():
-        start = time.perf_counter()
-        for _ in range(repeats):
-          *args[:3], loss = step(*args)
-        jax.block_until_ready(loss)
-        samples[name].append((time.perf_counter() - start) / repeats)
-    base = float(np.median(samples["baseline"]))
-    out[model] = {name: {"seconds": float(np.median(s)), "vs baseline": float(np.median(s)) / base}
-                  for name, s in samples.items()}
+    seconds = training.time_interleaved([_advancing(*run) for run in runs.values()], rounds, repeats)
+    base = seconds[list(runs).index("baseline")]
+    out[model] = {name: {"seconds": s, "vs baseline": s / base} for name, s in zip(runs, seconds)}
     print(model, {n: round(v["vs baseline"], 3) for n, v in out[model].items()}, flush=True)
   return out
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import variants as V  # noqa: E402
 
 import jact  # noqa: E402
+from jact.models import training  # noqa: E402
 
 GiB = 2**30
 
@@ -38,27 +39,13 @@ def peak_bytes(model: str, variant_key: str, batch: int) -> int:
 
 def max_batch(model: str, variant_key: str, budget: int, resolution: float) -> int:
   """Largest batch b with peak_bytes(b) <= budget, to within `resolution` of b (0 if none fits)."""
-  fits = lambda b: peak_bytes(model, variant_key, b) <= budget
-  if not fits(1):
-    return 0
+  peak_at = functools.partial(peak_bytes, model, variant_key)
   low_batch, high_batch = 4, 8
-  slope = (peak_bytes(model, variant_key, high_batch) - peak_bytes(model, variant_key, low_batch)) / 4
-  base = peak_bytes(model, variant_key, low_batch) - slope * low_batch
+  slope = (peak_at(high_batch) - peak_at(low_batch)) / (high_batch - low_batch)
+  base = peak_at(low_batch) - slope * low_batch
   guess = max(1, int((budget - base) / slope)) if slope > 0 else 1
-  # Peak memory is close to affine in the batch, so the guess is near; bracket it in small steps.
-  step_up = 1 + 4 * resolution
-  if fits(guess):
-    low, high = guess, int(guess * step_up) + 1
-    while fits(high):
-      low, high = high, int(high * step_up) + 1
-  else:
-    low, high = max(1, int(guess / step_up)), guess
-    while not fits(low):
-      low, high = max(1, int(low / step_up)), low
-  while high - low > max(1, int(low * resolution)):
-    middle = (low + high) // 2
-    low, high = (middle, high) if fits(middle) else (low, middle)
-  return low
+  # Peak memory is close to affine in the batch, so the guess is near: bracket it in small steps.
+  return training.max_batch(peak_at, budget, start=guess, resolution=resolution, growth=1 + 4 * resolution)
 
 
 def table(rows: list[dict], budgets: list[int]) -> str:

@@ -353,27 +353,32 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
   return (cumulative[index] - cumulative[np.maximum(index - window, 0)]) / np.minimum(index, window)
 
 
-def max_batch(peak_at: Callable[[int], int], budget: int, start: int = 1, resolution: float = 0.05) -> int:
+def max_batch(peak_at: Callable[[int], int], budget: int, start: int = 1, resolution: float = 0.05,
+              growth: float = 2.0) -> int:
   """The largest batch whose step fits `budget` bytes, by bracketing and bisection.
 
-  Compiled memory grows with the batch, so doubling (or halving) from `start` brackets the answer
-  and bisection narrows it; each probe is one compilation on abstract shapes (nothing runs).
+  Compiled memory grows with the batch, so stepping up (or down) by `growth` from `start`
+  brackets the answer and bisection narrows it; each probe is one compilation on abstract shapes
+  (nothing runs).
 
   Args:
     peak_at: batch size -> peak bytes of the step (e.g. `step_memory(...).peak`).
     budget: bytes available.
     start: first batch tried (a good guess saves compilations).
     resolution: stop when the bracket is narrower than this fraction of the batch.
+    growth: factor between bracketing probes; close to 1 when `start` is a close guess.
 
   Returns:
     The largest batch found to fit (0 when not even a batch of 1 fits).
   """
   fits = lambda batch: peak_at(batch) <= budget
-  low, high = (start, 2 * start) if fits(start) else (0, start)
+  grow = lambda batch: max(batch + 1, int(batch * growth))
+  shrink = lambda batch: max(1, int(batch / growth))
+  low, high = (start, grow(start)) if fits(start) else (0, start)
   while low and fits(high):
-    low, high = high, 2 * high
+    low, high = high, grow(high)
   while not low and high > 1:
-    low, high = (high // 2, high) if fits(high // 2) else (0, high // 2)
+    low, high = (shrink(high), high) if fits(shrink(high)) else (0, shrink(high))
   while low and high - low > max(1, int(low * resolution)):
     middle = (low + high) // 2
     low, high = (middle, high) if fits(middle) else (low, middle)

@@ -62,10 +62,11 @@ def test_masked_cross_entropy_ignores_unscored_labels():
 
 @pytest.mark.parametrize("budget", [0, 7, 100, 1000, 12_345])
 @pytest.mark.parametrize("start", [1, 64])
-def test_max_batch_finds_the_largest_fitting_batch_within_its_resolution(budget, start):
+@pytest.mark.parametrize("growth", [2.0, 1.2])
+def test_max_batch_finds_the_largest_fitting_batch_within_its_resolution(budget, start, growth):
   peak_at = lambda batch: 10 * batch + 5  # grows with the batch, like compiled memory
   exact = max(0, (budget - 5) // 10)
-  found = training.max_batch(peak_at, budget, start=start, resolution=0.05)
+  found = training.max_batch(peak_at, budget, start=start, resolution=0.05, growth=growth)
   assert peak_at(found) <= budget or found == 0
   assert exact - max(1, int(0.05 * exact)) <= found <= exact
 
