@@ -239,8 +239,7 @@ def compressed(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
 def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
              static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
              min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-             kernel: str = "auto", recompute: bool = False,
-               name: str | None = None) -> Any:
+             kernel: str = "auto", recompute: bool = False, name: str | None = None) -> Any:
   """Compresses the residuals of a Flax module or a function; the decorator form of jact.
 
   Dispatches on what it decorates:

@@ -85,7 +85,7 @@ def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, *,
                       static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
                       min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
                       kernel: str = "auto", recompute: bool = False,
-               name: str | None = None) -> Callable:
+                      name: str | None = None) -> Callable:
   """`remat_compress` for a function whose positional arguments may be NNX modules.
 
   Graph nodes among the positional arguments (any `nnx.Pytree`: modules, `nnx.Rngs`,
@@ -119,8 +119,7 @@ def _compressed_class(module_class: type, options: Options, name: str) -> type:
 def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
              static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
              min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-             kernel: str = "auto", recompute: bool = False,
-               name: str | None = None) -> Any:
+             kernel: str = "auto", recompute: bool = False, name: str | None = None) -> Any:
   """Compresses the residuals of an NNX module's `__call__`.
 
   Example::
