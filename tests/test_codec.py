@@ -43,7 +43,8 @@ def assert_within_bound(x, q, rounding):
   # Below the codec's floor on the range the grid is coarser than the group: x_hat stays in [lo', hi'].
   bound = np.where(hi - lo < codec.MIN_RANGE, hi - lo, bound)
   arithmetic = 4 * np.finfo(np.float32).eps * np.maximum(np.abs(lo), np.abs(hi))
-  output = np.abs(x64) * float(jnp.finfo(q.dtype).eps)  # rounding of the decoded value to x's dtype
+  # The decoded value is rounded to x's dtype: relative to its own magnitude, which may exceed |x|.
+  output = np.maximum(np.abs(x64), np.abs(x_hat)) * float(jnp.finfo(q.dtype).eps)
   flushed = np.finfo(np.float32).tiny  # subnormals, flushed to zero by XLA:CPU arithmetic
   assert np.all(np.abs(x_hat - x64) <= bound + arithmetic + output + flushed)
   # The stored bounds enclose the group and exceed its true range only by bfloat16 rounding.
