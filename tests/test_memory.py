@@ -72,10 +72,18 @@ def test_codec_work_is_not_constant_folded():
   assert sizes and max(sizes) <= 8, sizes
 
 
-def test_codec_kernels_grow_linearly_with_depth():
-  """Each compressed layer adds the same kernels: compilation work grows linearly with depth.
-  (XLA:CPU compiles every kernel separately, so a compressed layer costs several times an
-  uncompressed layer's compile time; the figures are in the issue notes and the README.)"""
-  count = lambda depth: compiled_hlo(2, depth).count(" fusion(")
-  four, eight, sixteen = count(4), count(8), count(16)
-  assert sixteen - eight == 2 * (eight - four), (four, eight, sixteen)
+def lowered_ops(bits, depth) -> int:
+  """Operations in the StableHLO module that XLA receives for the gradient step."""
+  ws, x = abstract_inputs()
+  text = jax.jit(jax.grad(mlp_loss(wrapped(bits)))).lower(ws[:depth], x).as_text()
+  return len(re.findall(r"= \"?[a-z_]+\.[a-z_]+", text))
+
+
+def test_layers_share_compiled_code():
+  """Compile time: identical compressed layers are one shared function (inlined late by XLA), so
+  the module XLA optimises grows by less per layer than the uncompressed step's does. (XLA compile
+  seconds, this machine: 0.36 s against 0.10 s uncompressed for 16 layers, 0.75 s before sharing;
+  ResNet-50 13 s against 7 s. See the README's Limits.)"""
+  growth = lambda bits: lowered_ops(bits, DEPTH) - lowered_ops(bits, DEPTH // 2)
+  assert jax.device_count() == 1
+  assert growth(2) <= growth(None), (growth(2), growth(None))
