@@ -19,23 +19,39 @@ import numpy as np
 PRIMITIVE = "reduce_window_max"
 
 
+def _unpooled_lead(params) -> int:
+  """How many leading axes (the batch) pooling leaves alone: window 1, stride 1, no padding."""
+  lead = 0
+  for window, stride, pad in zip(params["window_dimensions"], params["window_strides"], params["padding"]):
+    if (window, stride, tuple(pad)) != (1, 1, (0, 0)):
+      break
+    lead += 1
+  return lead
+
+
 def applies(eqn) -> bool:
-  """A max-pooling equation over a floating-point array with no dilation."""
+  """A max-pooling equation over a floating-point array with no dilation, whose argmax indices
+  within one row of the unpooled leading axes fit in int32."""
   if eqn.primitive.name != PRIMITIVE or not jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating):
     return False
   params = eqn.params
   ones = (1,) * len(params["window_dimensions"])
-  return params.get("base_dilation", ones) == ones and params.get("window_dilation", ones) == ones
+  row = math.prod(eqn.invars[0].aval.shape[_unpooled_lead(params):])
+  return (params.get("base_dilation", ones) == ones and params.get("window_dilation", ones) == ones
+          and row < np.iinfo(np.int32).max)
 
 
 def rewrite(eqn):
   """`eqn` as a function of its operand whose autodiff keeps the argmax indices."""
   params = eqn.params
   windows, strides, padding = params["window_dimensions"], params["window_strides"], params["padding"]
+  # Indices count within a row of the leading axes that pooling leaves alone (the batch), so that
+  # they fit in int32 at any batch size.
+  lead = _unpooled_lead(params)
 
   def argmax(x):
-    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-    for axis in range(1, x.ndim):  # flat row-major index of every element
+    index = jnp.zeros(x.shape, jnp.int32)
+    for axis in range(lead, x.ndim):  # row-major index of every element within its row
       index = index * x.shape[axis] + jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
     low = np.array(-np.inf, x.dtype)
 
@@ -45,7 +61,8 @@ def rewrite(eqn):
       take_b = (b_value > a_value) | ((b_value == a_value) & (b_index < a_index)) | jnp.isnan(b_value)
       return jnp.where(take_b, b_value, a_value), jnp.where(take_b, b_index, a_index)
 
-    return jax.lax.reduce_window((x, index), (low, np.int32(math.prod(x.shape))), pick, windows, strides, padding)
+    return jax.lax.reduce_window((x, index), (low, np.int32(math.prod(x.shape[lead:]))), pick, windows, strides,
+                                 padding)
 
   @jax.custom_jvp
   def pool(x):
@@ -55,6 +72,8 @@ def rewrite(eqn):
   def pool_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
     value, index = argmax(x)
-    return value, jnp.take(t.reshape(-1), index.reshape(-1), mode="fill", fill_value=0).reshape(value.shape)
+    rows = math.prod(x.shape[:lead])
+    picked = jnp.take_along_axis(t.reshape(rows, -1), index.reshape(rows, -1), axis=1, mode="fill", fill_value=0)
+    return value, picked.reshape(value.shape)
 
   return pool

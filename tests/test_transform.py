@@ -256,6 +256,26 @@ def test_max_pool_keeps_argmax_indices_and_exact_gradients():
   assert not any(r.shape == x.shape and r.bits == 32 for r in table)
 
 
+def test_max_pool_over_the_batch_axis_and_at_any_batch_size():
+  """Argmax indices count within a row of the unpooled leading axes: pooling that includes the
+  batch axis keeps exact gradients, and a batch whose activation has more than 2**31 elements
+  traces (flat indices would overflow int32)."""
+  def pool(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2, 3, 1), (2, 2, 1), ((0, 0), (1, 1), (0, 0)))
+  x = jnp.round(jax.random.normal(jax.random.key(8), (4, 16, 64)) * 2) / 2
+  f = jact.remat_compress(pool, bits=2, min_size=0)
+  loss = lambda fn: (lambda x: jnp.sum(fn(x) * jnp.arange(2 * 8 * 64.0).reshape(2, 8, 64)))
+  assert jnp.array_equal(jax.grad(loss(f))(x), jax.grad(loss(pool))(x))
+
+  def stem_pool(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+  huge = jax.ShapeDtypeStruct((4096, 112, 112, 64), jnp.float32)  # 3.3e9 elements
+  g = jact.remat_compress(stem_pool, bits=2)
+  table = jact.residuals(lambda x: jnp.sum(g(x)), huge)
+  assert any(r.dtype == jnp.int32 and r.size == 4096 * 56 * 56 * 64 for r in table)
+
+
 def test_values_of_parameters_are_recomputed_not_stored():
   """A transposed weight and a constant broadcast are rebuilt in the backward pass."""
   def f(x, w):
