@@ -64,8 +64,8 @@ class Config:
     seeds: rounding seeds per measured variance of the small models.
     resnet_seeds: rounding seeds per measured variance of ResNet-18.
     image_size, batch_size: of ResNet-18's probe batch.
-    vjp_probes: `num_probes` of the "vjp" rows of the cost part (8 is calibrate's default).
-    jvp_probes: `num_probes` of the "jvp" row.
+    vjp_probes: `num_probes` of the "vjp" rows of the cost part (4 is calibrate's default).
+    jvp_probes: `num_probes` of the "jvp" row (0: no "jvp" row).
   """
   seeds: int
   resnet_seeds: int
@@ -180,7 +180,8 @@ def resnet(config: Config):
 def cost(config: Config, bar: tqdm) -> dict:
   """Wall and CPU time of each method's calibrations, interleaved; measured variance of each allocation."""
   loss, probes = resnet(config)
-  methods = [Method("vjp", p) for p in config.vjp_probes] + [Method("jvp", config.jvp_probes), Method("gact")]
+  methods = ([Method("vjp", p) for p in config.vjp_probes] + [Method("jvp", config.jvp_probes)] * bool(config.jvp_probes)
+             + [Method("gact")])
   params, state, batch = probes[0]
 
   @functools.partial(jax.jit, static_argnames="policy")
@@ -363,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--small", action="store_true", help="fewer seeds and probes, ResNet-18 batch 8")
   parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/calibrate"))
+  parser.add_argument("--vjp-probes", type=int, nargs="+", help="the cost part's vjp rows (default 8 4 2)")
+  parser.add_argument("--jvp-probes", type=int, help="the cost part's jvp row (default 1; 0: none, it is slow)")
   parser.add_argument("--report", type=pathlib.Path, nargs="+", metavar="JSON",
                       help="measure nothing: print the tables and draw the plots of these calibrate.json files "
                            "(separate runs merged; a later file's part replaces an earlier one's)")
@@ -378,8 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {', '.join(map(str, paths))}")
     return 0
   config = SMALL if args.small else FULL
-  steps = {"prediction": len(small.MODELS), "allocation": 2,
-           "cost": 2 * (len(config.vjp_probes) + 2) + len(config.vjp_probes) + 4}
+  if args.vjp_probes:
+    config = dataclasses.replace(config, vjp_probes=tuple(args.vjp_probes))
+  if args.jvp_probes is not None:
+    config = dataclasses.replace(config, jvp_probes=args.jvp_probes)
+  methods = len(config.vjp_probes) + bool(config.jvp_probes) + 1
+  steps = {"prediction": len(small.MODELS), "allocation": 2, "cost": 2 * methods + methods + 2}
   report = {"command": " ".join(["python benchmarks/calibrate.py"] + (argv if argv is not None else sys.argv[1:])),
             "backend": jax.default_backend(), "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
             "config": dataclasses.asdict(config)}

@@ -377,7 +377,7 @@ class Options:
   budget_bytes: int | None = None
   candidates: Sequence[int] = DEFAULT_CANDIDATES
   method: str = "vjp"
-  num_probes: int = 8
+  num_probes: int = 4
   seed: int = 0
   progress: bool = True
 
@@ -395,7 +395,7 @@ class Options:
 
 
 def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budget_bytes: int | None = None,
-              candidates: Sequence[int] = DEFAULT_CANDIDATES, method: str = "vjp", num_probes: int = 8,
+              candidates: Sequence[int] = DEFAULT_CANDIDATES, method: str = "vjp", num_probes: int = 4,
               argnums: int = 0, has_aux: bool = False, seed: int = 0, progress: bool = True,
               **kwargs: Any) -> Calibrated:
   """Chooses each residual's bit width from its measured effect on the gradient, under a budget.
@@ -419,7 +419,8 @@ def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budg
     candidates: the widths to choose from, a subset of (1, 2, 4, 8, 16, 32).
     method: "vjp" (default: a few reverse passes for all residuals), "jvp" (one forward-mode
       pass per residual and probe) or "gact" (GACT's estimator: three gradients per residual).
-    num_probes: random probes for "vjp" and "jvp".
+    num_probes: random probes for "vjp" and "jvp". Each adds one pass (about two gradients'
+      cost); 4 predicted the measured variance as well as 8 (README, "Adaptive bits").
     argnums: which argument the gradient is taken with respect to (the parameters).
     has_aux: `loss_fn` returns `(loss, aux)`.
     seed: seeds the probes.
