@@ -87,9 +87,29 @@ class _Plan:
     the code that runs is the same.
     """
     if name not in self._rules:  # a plan belongs to one configuration
-      body = _run_forward if name == "forward" else _run_backward
-      self._rules[name] = _compile.shared_jit(functools.partial(body, self, config), jit_otherwise=False)
+      if name == "forward":
+        self._rules[name] = self._forward_rule(config)
+      else:
+        self._rules[name] = _compile.shared_jit(functools.partial(_run_backward, self, config), jit_otherwise=False)
     return self._rules[name]
+
+  def _forward_rule(self, config: "_Config") -> Callable:
+    """The forward rule, handing over the inputs it stores as they are (parameters) from outside
+    the shared function: an input returned by an XLA call is copied, which for the weights of
+    every layer would cost a copy of the model kept until the backward pass."""
+    invar_index = {v: i for i, v in enumerate(self.fwd.jaxpr.invars)}
+    passed = {uid: invar_index[r.atom] for uid, r in enumerate(self.residuals)
+              if not _jaxpr.is_literal(r.atom) and r.atom in invar_index and not r.compressed}
+    shared = _compile.shared_jit(functools.partial(_run_forward, self, config, passed=tuple(passed)),
+                                 jit_otherwise=False)
+
+    def forward(seed, inputs):
+      outs, stored = shared(seed, inputs)
+      for uid, i in passed.items():
+        stored[uid] = inputs[i]
+      return outs, stored + [inputs[i] for i in self.recompute_inputs]
+
+    return forward
 
 
 def full_precision_config() -> _Config:
@@ -259,8 +279,13 @@ def _residual_seed(seed: jax.Array, index: int) -> jax.Array:
   return seed ^ np.uint32((index + 1) * 0x9E3779B9 % 2**32)
 
 
-def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any], compress: bool = True):
-  """Outputs and stored residuals; with `compress=False` every residual is kept as it is."""
+def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any], compress: bool = True,
+                 passed: tuple[int, ...] | None = None):
+  """Outputs and stored residuals; with `compress=False` every residual is kept as it is.
+
+  With `passed` (residual indices), those residuals (inputs stored as they are) and the inputs
+  of recomputations are left out: the caller hands them over itself.
+  """
   jaxpr = plan.fwd.jaxpr
   env = _jaxpr.bind_inputs(jaxpr, plan.fwd.consts, inputs)
   ready: dict[int, list[int]] = {}
@@ -298,8 +323,10 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   if pending:
     outs = tie(outs)
   for uid, r in enumerate(plan.residuals):
-    if stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed:
+    if stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed and uid not in (passed or ()):
       stored[uid] = env.read(r.atom)
+  if passed is not None:
+    return outs, stored
   return outs, stored + [inputs[i] for i in plan.recompute_inputs]
 
 
