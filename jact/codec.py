@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jact import _compile, hashing
+from jact import hashing
 from jact.kernels import formulas  # the arithmetic shared with the Pallas kernels
 
 PACKED_BITS = (1, 2, 4, 8)
@@ -298,9 +298,9 @@ def _grid(values: jax.Array, bits: int):
   return lo, hi, formulas.grid_scale(lo, hi, 2**bits - 1, MIN_RANGE), constant
 
 
-# Jitted so that the many same-shaped residuals of a deep network share one trace, one lowering and,
-# on one device, one pass through XLA's early optimisations (see jact._compile).
-@functools.partial(_compile.shared_jit, static_argnums=(2, 3, 4))
+# Jitted so that the many same-shaped residuals of a deep network share one trace and lowering. (XLA
+# inlines it into the caller early, so that it fuses with the residual's producer and consumers.)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _quantize_packed(x: jax.Array, seed: jax.Array, bits: int, group_size: int, rounding: str):
   layout = Layout.of(x.shape, group_size)
   compute = _compute_dtype(x.dtype)
@@ -364,7 +364,7 @@ def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
   return _dequantize_packed(q.payload, q.lo, q.hi, q.shape, jnp.dtype(q.dtype), q.bits, q.group_size)
 
 
-@functools.partial(_compile.shared_jit, static_argnums=(3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _dequantize_packed(payload, lo, hi, shape, dtype, bits: int, group_size: int) -> jax.Array:
   layout = Layout.of(shape, group_size)
   codes = _unpack(payload, bits).astype(jnp.float32)
