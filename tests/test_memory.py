@@ -87,3 +87,13 @@ def test_layers_share_compiled_code():
   growth = lambda bits: lowered_ops(bits, DEPTH) - lowered_ops(bits, DEPTH // 2)
   assert jax.device_count() == 1
   assert growth(2) <= growth(None), (growth(2), growth(None))
+
+
+def test_late_inlining_can_be_turned_off(monkeypatch):
+  """JACT_LATE_INLINING=0 (jact._compile.LATE_INLINING) gives XLA plain, early-inlined calls."""
+  from jact import _compile
+  ws, x = abstract_inputs()
+  marked = lambda: jax.jit(jax.grad(mlp_loss(wrapped(2)))).lower(ws[:2], x).as_text().count("xla_late")
+  assert marked() > 0
+  monkeypatch.setattr(_compile, "LATE_INLINING", False)
+  assert marked() == 0
