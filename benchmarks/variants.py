@@ -42,7 +42,7 @@ DEFAULT_VARIANTS = (BASELINE, CHECKPOINT, jact_variant(8), jact_variant(4), jact
                     jact_variant(2, recompute=True))
 VARIANTS_BY_KEY = {"baseline": BASELINE, "checkpoint": CHECKPOINT, "8": jact_variant(8),
                    "4": jact_variant(4), "2": jact_variant(2), "2r": jact_variant(2, recompute=True),
-                   "1": jact_variant(1)}
+                   "1": jact_variant(1), "1r": jact_variant(1, recompute=True)}
 
 # The GACT paper's configurations: (zoo name, batch for the memory table).
 PAPER_MODELS = {"resnet18": 64, "resnet50": 64, "swin_t": 64, "vit_b16": 64, "bert_base": 32, "bert_large": 32,
