@@ -10,7 +10,7 @@ boundary, which costs some step time on CPU (16-layer MLP, 2 bits: about 5% over
 form; sharing the codec functions themselves as well cost 15%, so they are inlined early).
 
 XLA's SPMD partitioner does not see through such calls (it replicates their operands, adding
-all-gathers), so with more than one device the plain, early-inlined form is used. Setting the
+all-gathers), so with more than one device the function is called as it is, inlined. Setting the
 environment variable JACT_LATE_INLINING=0 (or `jact._compile.LATE_INLINING = False` before
 tracing) uses it everywhere.
 """
@@ -26,15 +26,12 @@ import jax
 LATE_INLINING = os.environ.get("JACT_LATE_INLINING", "1") != "0"
 
 
-def shared_jit(fun: Callable, jit_otherwise: bool = True, **jit_options) -> Callable:
-  """`jax.jit(fun, **jit_options)`, shared by all its call sites until late inlining when this
-  process sees a single device; with more devices the plain jit, or `fun` itself if not
-  `jit_otherwise`."""
-  early = jax.jit(fun, **jit_options) if jit_otherwise else fun
-  late = jax.jit(fun, inline=jax.Inline.XLA_LATE, **jit_options)
+def shared_jit(fun: Callable) -> Callable:
+  """`fun`, jitted with late inlining when this process sees a single device (and sharing is on)."""
+  late = jax.jit(fun, inline=jax.Inline.XLA_LATE)
 
   @functools.wraps(fun)
   def call(*args, **kwargs):
-    return (late if LATE_INLINING and jax.device_count() == 1 else early)(*args, **kwargs)
+    return (late if LATE_INLINING and jax.device_count() == 1 else fun)(*args, **kwargs)
 
   return call

@@ -78,6 +78,13 @@ class _Plan:
   def infos(self) -> list[ResidualInfo]:
     return [r.info for r in self.residuals]
 
+  @functools.cached_property
+  def stored_inputs(self) -> dict[int, int]:
+    """Residual index -> input index, for the inputs stored as they are (parameters)."""
+    invar_index = {v: i for i, v in enumerate(self.fwd.jaxpr.invars)}
+    return {uid: invar_index[r.atom] for uid, r in enumerate(self.residuals)
+            if not _jaxpr.is_literal(r.atom) and r.atom in invar_index and not r.compressed}
+
   def rule(self, name: str, config: "_Config") -> Callable:
     """The forward or backward rule of this plan as one function shared by every call.
 
@@ -86,29 +93,13 @@ class _Plan:
     instead of once per layer, which cuts compile time several-fold.
     """
     if name not in self._rules:  # a plan belongs to one configuration
+      body = _run_forward if name == "forward" else _run_backward
+      shared = _compile.shared_jit(functools.partial(body, self, config))
       if name == "forward":
-        self._rules[name] = self._forward_rule(config)
+        self._rules[name] = lambda seed, inputs: _hand_over(self, *shared(seed, inputs), inputs)
       else:
-        self._rules[name] = _compile.shared_jit(functools.partial(_run_backward, self, config), jit_otherwise=False)
+        self._rules[name] = shared
     return self._rules[name]
-
-  def _forward_rule(self, config: "_Config") -> Callable:
-    """The forward rule, handing over the inputs it stores as they are (parameters) from outside
-    the shared function: an input returned by an XLA call is copied, which for the weights of
-    every layer would cost a copy of the model kept until the backward pass."""
-    invar_index = {v: i for i, v in enumerate(self.fwd.jaxpr.invars)}
-    passed = {uid: invar_index[r.atom] for uid, r in enumerate(self.residuals)
-              if not _jaxpr.is_literal(r.atom) and r.atom in invar_index and not r.compressed}
-    shared = _compile.shared_jit(functools.partial(_run_forward, self, config, passed=tuple(passed)),
-                                 jit_otherwise=False)
-
-    def forward(seed, inputs):
-      outs, stored = shared(seed, inputs)
-      for uid, i in passed.items():
-        stored[uid] = inputs[i]
-      return outs, stored + [inputs[i] for i in self.recompute_inputs]
-
-    return forward
 
 
 def full_precision_config() -> _Config:
@@ -278,12 +269,12 @@ def _residual_seed(seed: jax.Array, index: int) -> jax.Array:
   return seed ^ np.uint32((index + 1) * 0x9E3779B9 % 2**32)
 
 
-def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any], compress: bool = True,
-                 passed: tuple[int, ...] | None = None):
-  """Outputs and stored residuals; with `compress=False` every residual is kept as it is.
+def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any], compress: bool = True):
+  """Outputs and the residuals it computes; with `compress=False` every residual is kept as it is.
 
-  With `passed` (residual indices), those residuals (inputs stored as they are) and the inputs
-  of recomputations are left out: the caller hands them over itself.
+  Inputs stored as they are (`plan.stored_inputs`) are left as None: `_hand_over` adds them
+  outside the shared rule, since an input returned by an XLA call is copied, which for the
+  weights of every layer would cost a copy of the model kept until the backward pass.
   """
   jaxpr = plan.fwd.jaxpr
   env = _jaxpr.bind_inputs(jaxpr, plan.fwd.consts, inputs)
@@ -322,10 +313,17 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   if pending:
     outs = tie(outs)
   for uid, r in enumerate(plan.residuals):
-    if stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed and uid not in (passed or ()):
+    if stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed and uid not in plan.stored_inputs:
       stored[uid] = env.read(r.atom)
-  if passed is not None:
-    return outs, stored
+  return outs, stored
+
+
+def _hand_over(plan: _Plan, outs: list[Any], stored: list[Any], inputs: Sequence[Any]):
+  """`_run_forward`'s results completed with the inputs stored as they are and those that
+  recomputations read: the residuals the backward pass receives."""
+  stored = list(stored)
+  for uid, i in plan.stored_inputs.items():
+    stored[uid] = inputs[i]
   return outs, stored + [inputs[i] for i in plan.recompute_inputs]
 
 
@@ -474,7 +472,7 @@ class _Traced:
       probe = state.probe
       if state.regions is not None:
         state.regions.append(info_lib.ResidualTable(plan.infos))
-      outs, stored = _run_forward(plan, config, seed, inputs, compress=False)
+      outs, stored = _hand_over(plan, *_run_forward(plan, config, seed, inputs, compress=False), inputs)
       for r, value in zip(plan.residuals, stored):
         if r.info.kept_because == "" and r.info.source in (info_lib.ACTIVATION, info_lib.INPUT):
           probe.captured[probe.key(r.info.name)] = value
