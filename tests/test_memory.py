@@ -58,9 +58,14 @@ def test_memory_compiled_reports_all_fields():
   assert m.peak == m.argument + m.output - m.alias + m.temp and "temp" in str(m)
 
 
-def compiled_hlo(bits, depth=DEPTH) -> str:
+def lowered(bits, depth=DEPTH):
+  """The gradient step of the first `depth` layers, lowered for XLA (nothing compiled yet)."""
   ws, x = abstract_inputs()
-  return jax.jit(jax.grad(mlp_loss(wrapped(bits)))).lower(ws[:depth], x).compile().as_text()
+  return jax.jit(jax.grad(mlp_loss(wrapped(bits)))).lower(ws[:depth], x)
+
+
+def compiled_hlo(bits, depth=DEPTH) -> str:
+  return lowered(bits, depth).compile().as_text()
 
 
 def test_codec_work_is_not_constant_folded():
@@ -74,16 +79,15 @@ def test_codec_work_is_not_constant_folded():
 
 def lowered_ops(bits, depth) -> int:
   """Operations in the StableHLO module that XLA receives for the gradient step."""
-  ws, x = abstract_inputs()
-  text = jax.jit(jax.grad(mlp_loss(wrapped(bits)))).lower(ws[:depth], x).as_text()
-  return len(re.findall(r"= \"?[a-z_]+\.[a-z_]+", text))
+  return len(re.findall(r"= \"?[a-z_]+\.[a-z_]+", lowered(bits, depth).as_text()))
 
 
 def test_layers_share_compiled_code():
-  """Compile time: identical compressed layers are one shared function (inlined late by XLA), so
-  the module XLA optimises grows by less per layer than the uncompressed step's does. (XLA compile
-  seconds, this machine: 0.36 s against 0.10 s uncompressed for 16 layers, 0.75 s before sharing;
-  ResNet-50 13 s against 7 s. See the README's Limits.)"""
+  """Compile time: identical compressed layers are one shared function (marked for late inlining,
+  which XLA:CPU keeps as one called computation), so the module XLA optimises grows by less per
+  layer than the uncompressed step's does. (XLA compile seconds, this machine: 0.37 s against
+  0.10-0.16 s uncompressed for 16 layers, 0.75 s before sharing; ResNet-50 14 s against 7 s. See
+  the README's Limits.)"""
   growth = lambda bits: lowered_ops(bits, DEPTH) - lowered_ops(bits, DEPTH // 2)
   assert jax.device_count() == 1
   assert growth(2) <= growth(None), (growth(2), growth(None))
@@ -92,8 +96,7 @@ def test_layers_share_compiled_code():
 def test_late_inlining_can_be_turned_off(monkeypatch):
   """JACT_LATE_INLINING=0 (jact._compile.LATE_INLINING) gives XLA plain, early-inlined calls."""
   from jact import _compile
-  ws, x = abstract_inputs()
-  marked = lambda: jax.jit(jax.grad(mlp_loss(wrapped(2)))).lower(ws[:2], x).as_text().count("xla_late")
+  marked = lambda: lowered(2, depth=2).as_text().count("xla_late")
   assert marked() > 0
   monkeypatch.setattr(_compile, "LATE_INLINING", False)
   assert marked() == 0
