@@ -7,9 +7,11 @@ last forward use and each dequantisation right before its first backward use.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax._src import source_info_util  # name scopes of equations: how Flax module paths reach residual names
 from jax.extend import core as jex
 
@@ -96,6 +98,16 @@ def _inner_jaxpr(eqn):
   return None
 
 
+def constant_producers(jaxpr) -> dict[Var, int]:
+  """Variables computed from literals and the jaxpr's constvars alone -> the equation computing them."""
+  constant, out = set(jaxpr.constvars), {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    if not eqn.effects and all(is_literal(v) or v in constant for v in eqn.invars):
+      constant.update(eqn.outvars)
+      out.update((v, i) for v in eqn.outvars)
+  return out
+
+
 def producers(jaxpr) -> dict[Var, Any]:
   return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
 
@@ -177,3 +189,100 @@ def degrees(jaxpr, input_degrees: Sequence[int]) -> list[int]:
     for v, d in zip(eqn.outvars, outs):
       degree[v] = d
   return [read(v) for v in jaxpr.outvars]
+
+
+# --- value sets: residuals that provably take at most two values (masks) -------------------------
+
+_SAME_VALUES = frozenset("""
+broadcast_in_dim reshape transpose squeeze expand_dims slice dynamic_slice rev copy copy_p
+reduce_max reduce_min
+""".split())  # the output holds values of the first operand
+_UNION = frozenset("select_n concatenate pad dynamic_update_slice".split())  # values of the data operands
+_ARITHMETIC = {"add": np.add, "add_any": np.add, "sub": np.subtract, "mul": np.multiply,
+               "div": np.divide, "max": np.maximum, "min": np.minimum, "neg": np.negative,
+               "abs": np.abs, "sign": np.sign}
+MAX_VALUES = 2
+
+
+def value_sets(jaxpr, const_values: Sequence[Any] = ()) -> dict[Var, frozenset]:
+  """For variables that provably take at most `MAX_VALUES` distinct values, those values.
+
+  A forward analysis from literals and small constants: value-preserving operations (reshape,
+  broadcast, select_n between cases, ...) and elementwise arithmetic on such sets, which numpy
+  evaluates in the variables' dtypes as XLA does. A boolean variable takes at most two values
+  whatever computed it. Used to store masks -- a ReLU's derivative, a dropout's scaled mask -- at
+  1 bit, where the codec represents them exactly.
+  """
+  sets: dict[Var, frozenset] = {}
+  for var, value in zip(jaxpr.constvars, const_values):
+    values = _small_unique(value)
+    if values is not None:
+      sets[var] = values
+  _propagate(jaxpr, sets)
+  return sets
+
+
+def _small_unique(value) -> frozenset | None:
+  try:
+    array = np.asarray(value)
+  except Exception:  # a tracer or an extended dtype
+    return None
+  if array.size > 4096 or array.dtype.kind not in "biuf":
+    return None
+  values = frozenset(np.unique(array).tolist())
+  return values if len(values) <= MAX_VALUES else None
+
+
+def _literal_values(atom) -> frozenset:
+  value = atom.val
+  return frozenset([value.item() if hasattr(value, "item") else value])
+
+
+def _propagate(jaxpr, sets: dict) -> None:
+  read = lambda v: _literal_values(v) if is_literal(v) else sets.get(v)
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    ins = [read(v) for v in eqn.invars]
+    outs: list = [None] * len(eqn.outvars)
+    inner = _inner_jaxpr(eqn)
+    if eqn.effects:
+      pass
+    elif inner is not None:
+      inner_sets = {v: s for v, s in zip(inner.invars, ins) if s is not None}
+      _propagate(inner, inner_sets)
+      outs = [_literal_values(v) if is_literal(v) else inner_sets.get(v) for v in inner.outvars]
+    elif name in _SAME_VALUES and ins and ins[0] is not None:
+      outs = [ins[0]]
+    elif name == "optimization_barrier":
+      outs = ins
+    elif name in _UNION:
+      data = ins[1:] if name == "select_n" else ins[:2] if name in ("pad", "dynamic_update_slice") else ins
+      if all(d is not None for d in data):
+        outs = [frozenset().union(*data)]
+    elif name == "convert_element_type" and ins[0] is not None:
+      outs = [_apply(lambda a: a, ins, eqn.outvars[0].aval.dtype, [eqn.invars[0].aval.dtype])]
+    elif name in _ARITHMETIC and all(s is not None for s in ins):
+      outs = [_apply(_ARITHMETIC[name], ins, eqn.outvars[0].aval.dtype,
+                     [v.aval.dtype for v in eqn.invars])]
+    for var, values in zip(eqn.outvars, outs):
+      if values is None and var.aval.dtype == np.bool_:
+        values = frozenset([False, True])
+      if values is not None and len(values) <= MAX_VALUES:
+        sets[var] = values
+
+
+def _apply(fn, operand_sets, out_dtype, in_dtypes) -> frozenset | None:
+  """`fn` over every combination of operand values, each in its own dtype, cast to `out_dtype`."""
+  try:
+    out_dtype = np.dtype(out_dtype)
+    in_dtypes = [np.dtype(d) for d in in_dtypes]
+  except TypeError:  # extended dtypes
+    return None
+  results = set()
+  with np.errstate(all="ignore"):
+    for combination in itertools.product(*operand_sets):
+      args = [np.asarray(v, d) for v, d in zip(combination, in_dtypes)]
+      results.add(np.asarray(fn(*args)).astype(out_dtype).item())
+      if len(results) > MAX_VALUES:
+        return None
+  return frozenset(results)

@@ -319,6 +319,31 @@ def _quantize_packed(x: jax.Array, seed: jax.Array, bits: int, group_size: int, 
   return payload, lo, hi
 
 
+def exact_at_one_bit(values, dtype) -> bool:
+  """Whether 1-bit codes represent every group of an array taking only `values` exactly.
+
+  A group holding one value is constant and stored exactly. A group holding both values a < b
+  (finite, not subnormal) gets the bounds (a, b) if both are bfloat16 numbers; b's code is 1
+  whatever the noise if (b - a) * scale >= 1 exactly (as a fused multiply-add would compute it);
+  and b decodes exactly if b - a is exact in float32.
+  """
+  values = sorted(float(v) for v in values)
+  tiny = float(np.finfo(np.float32).tiny)  # XLA:CPU flushes subnormals to zero
+  if len(values) > 2 or not all(np.isfinite(v) and (v == 0 or abs(v) >= tiny) for v in values):
+    return False
+  if len(values) < 2:
+    return True
+  as_dtype = np.asarray(values, dtype).astype(np.float64)
+  a, b = np.asarray(values, dtype).astype(np.float32)
+  if not np.array_equal(as_dtype, np.asarray([a, b], np.float64)):  # not float32 numbers (float64)
+    return False
+  if not np.array_equal(np.asarray([a, b]).astype(jnp.dtype(jnp.bfloat16)).astype(np.float32), [a, b]):
+    return False
+  difference = np.float32(b - a)
+  scale = np.float32(1) / max(difference, np.float32(MIN_RANGE))
+  return float(difference) == float(b) - float(a) and float(difference) * float(scale) >= 1.0
+
+
 def rounding_variance(x: jax.Array, bits: int, group_size: int = 256) -> jax.Array:
   """Per-element variance of `dequantize(quantize(x, bits, group_size))` over stochastic seeds.
 

@@ -36,6 +36,9 @@ class ResidualInfo:
     kept_because: why it is not compressed, when the policy was not asked ("" otherwise).
     recomputed: a value of parameters and constants alone (a weight's layout, a dropout mask),
       rebuilt in the backward pass rather than stored.
+    two_valued: provably takes at most two values that 1-bit codes represent exactly (a ReLU's
+      derivative, a scaled dropout mask); compressed, it is stored at 1 bit whatever the policy's
+      width, without error.
   """
   name: str
   shape: tuple[int, ...]
@@ -47,6 +50,7 @@ class ResidualInfo:
   group_size: int = 256
   kept_because: str = ""
   recomputed: bool = False
+  two_valued: bool = False
 
   @property
   def size(self) -> int:
@@ -106,7 +110,8 @@ class ResidualTable(list):
     header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")
     rows = [(r.name, "x".join(map(str, r.shape)) or "()", str(r.dtype),
              r.source + (" (recomputed)" if r.recomputed else f" ({r.kept_because})"
-                         if r.kept_because not in ("", r.source) else ""), str(r.bits),
+                         if r.kept_because not in ("", r.source) else
+                         " (two values: exact)" if r.two_valued and r.compressed else ""), str(r.bits),
              format_bytes(r.nbytes), format_bytes(r.stored_nbytes)) for r in self]
     ratio = self.nbytes / self.stored_nbytes if self.stored_nbytes else float("nan")
     rows.append(("total", "", "", f"{len(self)} residuals", "", format_bytes(self.nbytes),

@@ -130,7 +130,8 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   bwd = jax.make_jaxpr(lambda res, cts: jax.tree.unflatten(vjp_tree[0], res)(cts))(
       list(res_avals), [a.to_tangent_aval() for a in out_avals])
   residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config,
-                                  _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]))
+                                  _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]),
+                                  _jaxpr.value_sets(fwd.jaxpr, fwd.consts))
   inputs_needed = set()
   for k, r in enumerate(residuals):
     if r.recomputed:
@@ -184,7 +185,7 @@ def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
 
 
 def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str], scope: str,
-              config: _Config, nonlinear: set) -> tuple[list[_Residual], list[int]]:
+              config: _Config, nonlinear: set, value_sets: dict) -> tuple[list[_Residual], list[int]]:
   deps = _jaxpr.dependence(jaxpr, [frozenset({k}) for k in kinds])
   producer_index = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
   producers = _jaxpr.producers(jaxpr)
@@ -222,9 +223,12 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       tags = deps.get(atom, frozenset())
       source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags
                 else info_lib.PARAMETER if tags else info_lib.CONSTANT)
+    values = None if _jaxpr.is_literal(atom) else value_sets.get(atom)
     info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
                         source=source, is_argument=is_argument, primitive=primitive,
-                        group_size=config.group_size)
+                        group_size=config.group_size,
+                        two_valued=(values is not None and jnp.issubdtype(aval.dtype, jnp.floating)
+                                    and codec.exact_at_one_bit(values, aval.dtype)))
     info = _choose_bits(info, config, used_nonlinearly=not config.compress_nonlinear
                         and not _jaxpr.is_literal(atom) and atom in nonlinear)
     if _jaxpr.is_literal(atom):
@@ -259,6 +263,8 @@ def _choose_bits(info: ResidualInfo, config: _Config, used_nonlinearly: bool) ->
   except ValueError:
     raise ValueError(f"the policy {config.policy!r} returned bits={bits!r} for residual {info.name!r}; "
                      f"a policy must return one of {codec.SUPPORTED_BITS} or None.") from None
+  if info.two_valued and bits != 32:
+    bits = 1  # a mask: exact at 1 bit, so any narrower width than the policy's loses nothing
   return dataclasses.replace(info, bits=bits)
 
 
@@ -267,6 +273,49 @@ def _choose_bits(info: ResidualInfo, config: _Config, used_nonlinearly: bool) ->
 def _residual_seed(seed: jax.Array, index: int) -> jax.Array:
   """A distinct seed per residual; `quantize` scrambles it with a bijective hash."""
   return seed ^ np.uint32((index + 1) * 0x9E3779B9 % 2**32)
+
+
+_LOOPS = frozenset({"scan", "while"})
+
+
+def _loop_constants_made_late(jaxpr, constant: dict, eqn, invals: list[Any], env) -> list[Any]:
+  """`invals` of a loop, with the constants it carries (the zeros a scan accumulates into)
+  rebuilt so that XLA computes them only once the loop's other inputs exist.
+
+  XLA schedules an instruction that reads no runtime value early, at the start of the step, and
+  a loop needs its carry in a buffer of its own: the constant is materialised there and kept
+  alive until the loop runs -- in a graph network, a node-sized buffer per message-passing layer,
+  alive across the whole forward or backward pass. Passing the constant's literal inputs through
+  a barrier with the loop's runtime inputs makes it wait for them.
+  """
+  if eqn.primitive.name not in _LOOPS:
+    return invals
+  late = [k for k, v in enumerate(eqn.invars) if not _jaxpr.is_literal(v) and v in constant and v.aval.shape]
+  dynamic = [k for k, v in enumerate(eqn.invars) if not _jaxpr.is_literal(v) and v not in constant
+             and v not in jaxpr.constvars]
+  if not late or not dynamic:
+    return invals
+  chain, stack = set(), [eqn.invars[k] for k in late]
+  while stack:
+    i = constant.get(stack.pop())
+    if i is not None and i not in chain:
+      chain.add(i)
+      stack.extend(u for u in jaxpr.eqns[i].invars if not _jaxpr.is_literal(u))
+  order = sorted(chain)
+  leaves = [(u, jnp.asarray(env.read(u), u.aval.dtype)) for i in order for u in jaxpr.eqns[i].invars
+            if _jaxpr.is_literal(u) or u not in constant]
+  tied, leaf_values = jax.lax.optimization_barrier(([invals[k] for k in dynamic], [v for _, v in leaves]))
+  local, leaf_values = {}, iter(leaf_values)
+  for i in order:
+    chain_eqn = jaxpr.eqns[i]
+    ins = [local[u] if not _jaxpr.is_literal(u) and u in local else next(leaf_values) for u in chain_eqn.invars]
+    local.update(zip(chain_eqn.outvars, _jaxpr.eval_eqn(chain_eqn, ins)))
+  invals = list(invals)
+  for k, value in zip(dynamic, tied):
+    invals[k] = value
+  for k in late:
+    invals[k] = local[eqn.invars[k]]
+  return invals
 
 
 def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any], compress: bool = True):
@@ -278,6 +327,7 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   """
   jaxpr = plan.fwd.jaxpr
   env = _jaxpr.bind_inputs(jaxpr, plan.fwd.consts, inputs)
+  constant = _jaxpr.constant_producers(jaxpr)
   ready: dict[int, list[int]] = {}
   for uid, r in enumerate(plan.residuals):
     if r.compressed and compress:
@@ -306,6 +356,7 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
     if pending and dynamic:
       for k, value in zip(dynamic, tie([invals[k] for k in dynamic])):
         invals[k] = value
+    invals = _loop_constants_made_late(jaxpr, constant, eqn, invals, env)
     for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, invals)):
       env.write(var, value)
     quantize_ready(i)
@@ -351,6 +402,7 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
   jaxpr = plan.bwd.jaxpr
   num_res = len(plan.leaf_ids)
   env = _jaxpr.bind_inputs(jaxpr, plan.bwd.consts, [None] * num_res + list(cts))
+  constant = _jaxpr.constant_producers(jaxpr)
   vars_of: dict[int, list[Any]] = {}
   for var, uid in zip(jaxpr.invars[:num_res], plan.leaf_ids):
     vars_of.setdefault(uid, []).append(var)
@@ -392,6 +444,7 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
               for v in eqn.invars]
     restore_for(eqn.invars, invals)
     invals = [env.read(v) if value is None else value for v, value in zip(eqn.invars, invals)]
+    invals = _loop_constants_made_late(jaxpr, constant, eqn, invals, env)
     for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, invals)):
       env.write(var, value)
   restore_for(jaxpr.outvars, None)

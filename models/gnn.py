@@ -48,7 +48,9 @@ def gather_sum(values: jax.Array, senders: jax.Array, receivers: jax.Array, num_
 
   def add_chunk(total, edges):
     s, r, w = edges
-    return total + jax.ops.segment_sum(values[s] * w, r, num_nodes), None
+    # Scattered into the carry itself: `total + segment_sum(...)` made XLA hoist segment_sum's
+    # zeros out of the loop and add a node-sized buffer of them to `total` on every chunk.
+    return total.at[r].add(values[s] * w), None
 
   zeros = jnp.zeros((num_nodes,) + values.shape[1:], values.dtype)
   total, _ = jax.lax.scan(add_chunk, zeros, (split(senders), split(receivers), split(weights)))

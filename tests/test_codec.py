@@ -162,6 +162,32 @@ def test_zero_one_masks_are_lossless(bits):
   assert jnp.array_equal(jact.dequantize(jact.quantize(mask, bits)), mask)
 
 
+bf16_numbers = st.one_of(
+    st.sampled_from([0.0, 1.0, 2.0, 0.5, -1.0, 3.0, 1e-3]),
+    st.integers(0, 0xFFFF).map(lambda b: float(np.uint16(b).view(jnp.bfloat16))).filter(np.isfinite))
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=bf16_numbers, b=bf16_numbers, dtype=st.sampled_from(DTYPES), rounding=st.sampled_from(codec.ROUNDINGS))
+def test_two_values_judged_exact_round_trip_exactly_at_1_bit(a, b, dtype, rounding):
+  """`exact_at_one_bit` decides that masks are stored at 1 bit: when it says so, every mix of the
+  two values comes back bitwise, whatever the seed."""
+  values = np.asarray([a, b], dtype)
+  if not codec.exact_at_one_bit(values.tolist(), dtype):
+    return
+  pattern = jax.random.bernoulli(jax.random.key(7), 0.5, (6, 256)).at[0].set(True).at[1].set(False)
+  x = jnp.where(pattern, jnp.asarray(values[1]), jnp.asarray(values[0]))
+  for seed in range(3):
+    assert jnp.array_equal(jact.dequantize(jact.quantize(x, 1, rounding=rounding, seed=seed)), x)
+
+
+@pytest.mark.parametrize("values, exact", [((0.0, 1.0), True), ((0.0, 2.0), True), ((0.25, 1.0), True),
+                                           ((-3.0, 5.0), True), ((7.0,), True), ((0.0, 1 / 0.9), False),
+                                           ((0.0, 0.01), False), ((0.0, np.inf), False), ((0.0, 1.0, 2.0), False)])
+def test_exact_at_one_bit_accepts_bfloat16_pairs_only(values, exact):
+  assert codec.exact_at_one_bit(values, jnp.float32) == exact
+
+
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
 @pytest.mark.parametrize("bits", BITS)
 def test_non_finite_values_stay_non_finite(bad, bits):

@@ -100,3 +100,27 @@ def test_late_inlining_can_be_turned_off(monkeypatch):
   assert marked() > 0
   monkeypatch.setattr(_compile, "LATE_INLINING", False)
   assert marked() == 0
+
+
+def test_constant_loop_carry_costs_no_more_than_a_computed_one():
+  """A scan accumulating into `jnp.zeros` (message passing, chunked sums): XLA would build the zeros
+  at the start of the forward or backward pass and keep them until the loop runs; jact makes them
+  wait for the loop's other inputs, so they cost what a carry computed from the data costs."""
+  n, d, depth, chunks = 4096, 256, 6, 8
+
+  def layer(x, w, zero_init):
+    h = x @ w
+    index = jnp.arange(n).reshape(chunks, n // chunks)
+    init = jnp.zeros((n, d)) if zero_init else h * 0.0  # the second is a runtime value
+    total, _ = jax.lax.scan(lambda total, rows: (total.at[rows].add(h[rows]), None), init, index)
+    total = total - total.mean(axis=0)
+    return jax.nn.gelu(total * jax.lax.rsqrt(jnp.mean(total**2, axis=0) + 1e-5))
+
+  def temp(zero_init):
+    f = jact.remat_compress(functools.partial(layer, zero_init=zero_init), bits=2, keep_argnums=(1,))
+    loss = lambda ws, x: jnp.sum(functools.reduce(lambda h, w: f(h, w), ws, x) ** 2)
+    ws = [jax.ShapeDtypeStruct((d, d), jnp.float32)] * depth
+    return jact.memory.compiled(jax.grad(loss), ws, jax.ShapeDtypeStruct((n, d), jnp.float32)).temp
+
+  carry_bytes = n * d * 4
+  assert temp(True) <= temp(False) + carry_bytes / 4, (temp(True) / carry_bytes, temp(False) / carry_bytes)

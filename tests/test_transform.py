@@ -307,3 +307,26 @@ def test_recompute_stores_only_compressed_inputs():
   assert rel_err(jax.grad(mlp_loss(compressed(32, recompute=True)))(ws, x), exact_grads()) < 1e-5
   err8 = rel_err(jax.grad(mlp_loss(compressed(8, recompute=True)))(ws, x), exact_grads())
   assert err8 < 0.05  # the 8-bit codec's relative error (about 1%) through four layers
+
+
+@pytest.mark.parametrize("slope, two_valued", [(0.0, True), (0.25, True), (0.1, False)])
+def test_masks_are_stored_exactly_at_1_bit(slope, two_valued):
+  """A (leaky) ReLU-like factor takes two values: stored at 1 bit whatever the policy, with no
+  error, when 1-bit codes represent both exactly (0.1 is not a bfloat16 number)."""
+  ws, x = mlp_data()
+
+  def f(x):  # the factor is the only residual the gradient in x reads (x itself is for the weight's)
+    h = x @ ws[0]
+    return h * jnp.where(h > 0, 2.0, slope)
+
+  g = jact.remat_compress(f, bits=8)
+  (info,) = [r for r in jact.residuals(lambda x: jnp.sum(g(x)), x) if r.compressed and not r.is_argument]
+  assert info.two_valued == two_valued and info.bits == (1 if two_valued else 8), info
+  loss = lambda f: lambda x, **kw: jnp.sum(f(x, **kw) ** 2)
+  exact = jax.grad(loss(f))(x)
+  for seed in range(3):
+    grads = jax.grad(loss(g))(x, rng=seed)
+    if two_valued:
+      assert jnp.array_equal(grads, exact)
+    else:
+      assert not jnp.array_equal(grads, exact)  # stored at 8 bits: rounded
