@@ -136,6 +136,11 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   for k, r in enumerate(residuals):
     if r.recomputed:
       inputs, eqns = _recomputation(fwd.jaxpr, [r.atom])
+      if any(kinds[i] == _COMPRESSIBLE and not _is_index(fwd.jaxpr.invars[i]) for i in inputs):
+        # A by-product of work on activations (a loop's output that depends on its indices
+        # alone): rebuilding it would redo that work and keep its inputs, so it is stored.
+        residuals[k] = dataclasses.replace(r, recomputed=False, info=dataclasses.replace(r.info, recomputed=False))
+        continue
       inputs_needed.update(inputs)
       residuals[k] = dataclasses.replace(r, recompute_eqns=eqns)
   return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)))
@@ -186,7 +191,9 @@ def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
 
 def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str], scope: str,
               config: _Config, nonlinear: set, value_sets: dict) -> tuple[list[_Residual], list[int]]:
-  deps = _jaxpr.dependence(jaxpr, [frozenset({k}) for k in kinds])
+  # Integer inputs (indices, token ids, edge lists) are never compressed: like parameters, what is
+  # computed from them and parameters alone is rebuilt in the backward pass instead of stored.
+  deps = _jaxpr.dependence(jaxpr, [frozenset({_KEEP if _is_index(v) else k}) for k, v in zip(kinds, jaxpr.invars)])
   producer_index = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
   producers = _jaxpr.producers(jaxpr)
   last_use = _jaxpr.last_uses(jaxpr)
@@ -241,6 +248,10 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
                   and not _jaxpr.is_literal(atom))
     residuals.append(_Residual(atom, dataclasses.replace(info, recomputed=recomputed), ready, recomputed))
   return residuals, leaf_ids
+
+
+def _is_index(var) -> bool:
+  return not jnp.issubdtype(var.aval.dtype, jnp.inexact)
 
 
 def _choose_bits(info: ResidualInfo, config: _Config, used_nonlinearly: bool) -> ResidualInfo:

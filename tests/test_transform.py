@@ -330,3 +330,19 @@ def test_masks_are_stored_exactly_at_1_bit(slope, two_valued):
       assert jnp.array_equal(grads, exact)
     else:
       assert not jnp.array_equal(grads, exact)  # stored at 8 bits: rounded
+
+
+def test_values_of_integer_inputs_are_rebuilt_not_compressed():
+  """Indices (token ids, edge lists) are never compressed; what is computed from them alone is,
+  like a value of parameters, rebuilt in the backward pass: exact, and nothing stored for it."""
+  def f(x, index):
+    weight = jnp.sin(index.astype(jnp.float32))[:, None] * jnp.ones_like(x)  # from the indices alone
+    return x * weight
+
+  x = jax.random.normal(jax.random.key(4), (BATCH, WIDTH))
+  index = jnp.arange(BATCH)
+  g = jact.remat_compress(f, bits=2)
+  table = jact.residuals(lambda x, i: jnp.sum(g(x, i)), x, index)
+  assert not any(r.compressed for r in table) and any(r.recomputed for r in table), table
+  loss = lambda f: lambda x: jnp.sum(f(x, index) ** 2)
+  assert jnp.array_equal(jax.grad(loss(g))(x), jax.grad(loss(f))(x))
