@@ -14,7 +14,7 @@ from jact import codec
 # Where a residual comes from. Only "activation" and "input" residuals are ever compressed.
 ACTIVATION = "activation"  # computed inside the wrapped function from its compressible inputs
 INPUT = "input"            # one of the wrapped function's own arguments
-PARAMETER = "parameter"    # an argument in keep_argnums, a closed-over value, or computed from those and integer inputs only
+PARAMETER = "parameter"    # an argument in keep_argnums, a closed-over value, or computed from those only
 CONSTANT = "constant"      # depends on no argument at all (XLA rebuilds it for free)
 SOURCES = (ACTIVATION, INPUT, PARAMETER, CONSTANT)
 

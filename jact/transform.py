@@ -136,8 +136,8 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   for k, r in enumerate(residuals):
     if r.recomputed:
       inputs, eqns = _recomputation(fwd.jaxpr, [r.atom])
-      if any(kinds[i] == _COMPRESSIBLE and not _is_index(fwd.jaxpr.invars[i]) for i in inputs):
-        # A by-product of work on activations (a loop's output that depends on its indices
+      if any(kinds[i] == _COMPRESSIBLE for i in inputs):
+        # A by-product of work on activations (a loop's output that depends on parameters
         # alone): rebuilding it would redo that work and keep its inputs, so it is stored.
         residuals[k] = dataclasses.replace(r, recomputed=False, info=dataclasses.replace(r.info, recomputed=False))
         continue
@@ -191,9 +191,7 @@ def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
 
 def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str], scope: str,
               config: _Config, nonlinear: set, value_sets: dict) -> tuple[list[_Residual], list[int]]:
-  # Integer inputs (indices, token ids, edge lists) are never compressed: like parameters, what is
-  # computed from them and parameters alone is rebuilt in the backward pass instead of stored.
-  deps = _jaxpr.dependence(jaxpr, [frozenset({_KEEP if _is_index(v) else k}) for k, v in zip(kinds, jaxpr.invars)])
+  deps = _jaxpr.dependence(jaxpr, [frozenset({k}) for k in kinds])
   producer_index = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
   producers = _jaxpr.producers(jaxpr)
   last_use = _jaxpr.last_uses(jaxpr)
@@ -248,10 +246,6 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
                   and not _jaxpr.is_literal(atom))
     residuals.append(_Residual(atom, dataclasses.replace(info, recomputed=recomputed), ready, recomputed))
   return residuals, leaf_ids
-
-
-def _is_index(var) -> bool:
-  return not jnp.issubdtype(var.aval.dtype, jnp.inexact)
 
 
 def _choose_bits(info: ResidualInfo, config: _Config, used_nonlinearly: bool) -> ResidualInfo:
