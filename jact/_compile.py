@@ -26,12 +26,17 @@ import jax
 LATE_INLINING = os.environ.get("JACT_LATE_INLINING", "1") != "0"
 
 
+def single_device() -> bool:
+  """Whether this process sees one device: then no SPMD partitioner will rewrite what is traced."""
+  return jax.device_count() == 1
+
+
 def shared_jit(fun: Callable) -> Callable:
   """`fun`, jitted with late inlining when this process sees a single device (and sharing is on)."""
   late = jax.jit(fun, inline=jax.Inline.XLA_LATE)
 
   @functools.wraps(fun)
   def call(*args, **kwargs):
-    return (late if LATE_INLINING and jax.device_count() == 1 else fun)(*args, **kwargs)
+    return (late if LATE_INLINING and single_device() else fun)(*args, **kwargs)
 
   return call

@@ -108,6 +108,24 @@ def constant_producers(jaxpr) -> dict[Var, int]:
   return out
 
 
+def feeding_outputs_only(jaxpr) -> set:
+  """Variables whose every use is, directly or through other such variables, an output of `jaxpr`
+  (in a backward jaxpr: the cotangents of the inputs and what only they are made of)."""
+  outputs = {v for v in jaxpr.outvars if not is_literal(v)}
+  consumers: dict[Var, list] = {}
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if not is_literal(v):
+        consumers.setdefault(v, []).append(eqn)
+  only: set = set()
+  for eqn in reversed(jaxpr.eqns):
+    for v in eqn.outvars:
+      uses = consumers.get(v, [])
+      if (v in outputs or uses) and all(all(u in only for u in user.outvars) for user in uses):
+        only.add(v)
+  return only
+
+
 def producers(jaxpr) -> dict[Var, Any]:
   return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
 

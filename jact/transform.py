@@ -424,12 +424,21 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
     else:
       waiting.add(uid)
 
+  # A restore also waits for the results of the equation before it, so that restoring follows the
+  # backward jaxpr's order: work before a residual's first use (the weight gradient that reads the
+  # previous residual) is done, and what it read can die, before the residual is decoded. With
+  # several devices, a weight gradient in a barrier would be all-reduced there (one all-reduce per
+  # layer instead of one combined): values that only make up the cotangent outputs are left out.
+  previous: list[Any] = []
+  left_out = set() if _compile.single_device() else _jaxpr.feeding_outputs_only(jaxpr)
+
   def restore_for(atoms: Sequence[Any], invals: list[Any] | None):
     need = sorted({uid_of[v] for v in atoms if not _jaxpr.is_literal(v) and uid_of.get(v) in waiting})
     if not need:
       return
     tie_positions = [k for k, v in enumerate(atoms) if not _jaxpr.is_literal(v) and v not in uid_of]
     tie_values = [invals[k] for k in tie_positions] if invals is not None and tie_positions else fallback_tie
+    tie_values = list(tie_values) + previous
     recomputing = any(plan.residuals[u].recomputed for u in need)
     (codes, params), tied = jax.lax.optimization_barrier(
         (([stored[u] for u in need], parameters if recomputing else []), tie_values))
@@ -450,8 +459,11 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
     restore_for(eqn.invars, invals)
     invals = [env.read(v) if value is None else value for v, value in zip(eqn.invars, invals)]
     invals = _loop_constants_made_late(jaxpr, constant, eqn, invals, env)
-    for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, invals)):
+    outs = _jaxpr.eval_eqn(eqn, invals)
+    for var, value in zip(eqn.outvars, outs):
       env.write(var, value)
+    previous[:] = [v for var, v in zip(eqn.outvars, outs)
+                   if jnp.issubdtype(jnp.result_type(v), jnp.inexact) and var not in left_out]
   restore_for(jaxpr.outvars, None)
   return [env.read(v) for v in jaxpr.outvars]
 

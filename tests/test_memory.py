@@ -124,3 +124,24 @@ def test_constant_loop_carry_costs_no_more_than_a_computed_one():
 
   carry_bytes = n * d * 4
   assert temp(True) <= temp(False) + carry_bytes / 4, (temp(True) / carry_bytes, temp(False) / carry_bytes)
+
+
+def test_backward_pass_restores_one_layer_at_a_time():
+  """Each layer's backward pass (ReLU of a convolution) holds its cotangent with its decoded
+  input for the weight gradient, then the cotangent with the input's cotangent: two full-size
+  buffers beyond what is stored. Restoring follows the backward jaxpr's order -- a residual is
+  decoded only once the equation before its first use, the previous layer's weight gradient,
+  is done -- so no layer's input is decoded ahead while another's is still alive. (A quarter
+  buffer covers workspaces and per-group metadata.)"""
+  def conv(x, k):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.nn.relu(y)
+
+  f = jact.remat_compress(conv, bits=2, keep_argnums=(1,))
+  loss = lambda ks, x: jnp.mean(functools.reduce(lambda h, k: f(h, k), ks, x) ** 2)
+  ks = [jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)] * 8
+  x = jax.ShapeDtypeStruct((16, 56, 56, 64), jnp.float32)
+  buffer = math.prod(x.shape) * 4
+  stored = jact.residuals(loss, ks, x, keep_argnums=(0,)).activation_nbytes(stored=True)
+  temp = jact.memory.compiled(jax.grad(loss), ks, x).temp
+  assert temp <= stored + 2.25 * buffer, ((temp - stored) / buffer)
