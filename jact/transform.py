@@ -673,7 +673,9 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   values `f` closes over, values computed from those alone, constants, non-float residuals,
   residuals with fewer than `min_size` elements, residuals the backward pass uses non-polynomially,
   and per-row statistics (residuals whose innermost axis has extent 1, such as a softmax's
-  normaliser: a group would span rows of unrelated scales).
+  normaliser: a group would span rows of unrelated scales). Masks -- residuals that provably take
+  two values which 1-bit codes represent exactly, such as a ReLU's derivative -- are stored at
+  1 bit whatever `bits` says (unless 32), without error.
 
   Example::
 
