@@ -31,6 +31,7 @@ non-finite activation keeps the gradient non-finite, as it would be without comp
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import math
 from typing import Any
@@ -341,7 +342,9 @@ def exact_at_one_bit(values, dtype) -> bool:
     return False
   difference = np.float32(b - a)
   scale = np.float32(1) / max(difference, np.float32(MIN_RANGE))
-  return float(difference) == float(b) - float(a) and float(difference) * float(scale) >= 1.0
+  exact = fractions.Fraction(float(difference)) == fractions.Fraction(float(b)) - fractions.Fraction(float(a))
+  return (exact and np.float32(a + difference) == b and float(difference) * float(scale) >= 1.0
+          and scale >= tiny)  # a subnormal scale (a range above 2**126) is flushed to zero
 
 
 def rounding_variance(x: jax.Array, bits: int, group_size: int = 256) -> jax.Array:

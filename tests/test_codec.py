@@ -183,7 +183,9 @@ def test_two_values_judged_exact_round_trip_exactly_at_1_bit(a, b, dtype, roundi
 
 @pytest.mark.parametrize("values, exact", [((0.0, 1.0), True), ((0.0, 2.0), True), ((0.25, 1.0), True),
                                            ((-3.0, 5.0), True), ((7.0,), True), ((0.0, 1 / 0.9), False),
-                                           ((0.0, 0.01), False), ((0.0, np.inf), False), ((0.0, 1.0, 2.0), False)])
+                                           ((0.0, 0.01), False), ((0.0, np.inf), False), ((0.0, 1.0, 2.0), False),
+                                           ((-1.0, 2.0**-126), False),  # b - a rounds to 1
+                                           ((0.0, 2.0**127), False)])  # 1 / (b - a) is subnormal
 def test_exact_at_one_bit_accepts_bfloat16_pairs_only(values, exact):
   assert codec.exact_at_one_bit(values, jnp.float32) == exact
 
