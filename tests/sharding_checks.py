@@ -184,7 +184,7 @@ def distances(actual, expected) -> dict:
   """How far gradients `actual` are from `expected`, relative to the norm of `expected`: the
   largest elementwise difference, the norm of the difference, and the fraction of elements that
   are bitwise equal."""
-  norm = float(optax.global_norm(expected))
+  norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(e, np.float64))) for e in jax.tree.leaves(expected))))
   diffs = [np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))
            for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)]
   return {"max_abs": max(float(d.max()) for d in diffs) / norm,

@@ -172,7 +172,8 @@ bf16_numbers = st.one_of(
 def test_two_values_judged_exact_round_trip_exactly_at_1_bit(a, b, dtype, rounding):
   """`exact_at_one_bit` decides that masks are stored at 1 bit: when it says so, every mix of the
   two values comes back bitwise, whatever the seed."""
-  values = np.asarray([a, b], dtype)
+  with np.errstate(over="ignore"):  # bfloat16 numbers beyond float16's range become inf: rejected
+    values = np.asarray([a, b], dtype)
   if not codec.exact_at_one_bit(values.tolist(), dtype):
     return
   pattern = jax.random.bernoulli(jax.random.key(7), 0.5, (6, 256)).at[0].set(True).at[1].set(False)
