@@ -106,23 +106,11 @@ def find_chains(jaxpr) -> list[Chain]:
       continue
     if not jnp.issubdtype(s.aval.dtype, jnp.floating):
       continue
-    needed = _constant_closure(jaxpr, indices, constant_eqns)
+    needed = _jaxpr.constant_closure(jaxpr, [v for i in indices for v in jaxpr.eqns[i].invars], constant_eqns)
     chain = Chain(s, tuple(indices), tuple(sorted(set(indices) | needed)), outputs)
     if _worth_rewriting(jaxpr, chain):
       chains.append(chain)
   return chains
-
-
-def _constant_closure(jaxpr, indices: Sequence[int], constant_eqns: dict) -> set[int]:
-  needed: set[int] = set()
-  stack = [v for i in indices for v in jaxpr.eqns[i].invars if not _jaxpr.is_literal(v)]
-  while stack:
-    v = stack.pop()
-    i = constant_eqns.get(v)
-    if i is not None and i not in needed:
-      needed.add(i)
-      stack.extend(u for u in jaxpr.eqns[i].invars if not _jaxpr.is_literal(u))
-  return needed
 
 
 def _worth_rewriting(jaxpr, chain: Chain) -> bool:

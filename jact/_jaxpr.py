@@ -108,6 +108,18 @@ def constant_producers(jaxpr) -> dict[Var, int]:
   return out
 
 
+def constant_closure(jaxpr, atoms: Sequence[Any], constant: dict) -> set[int]:
+  """The equations (of `constant`: variable -> its equation) that computing `atoms` needs."""
+  needed: set[int] = set()
+  stack = [v for v in atoms if not is_literal(v)]
+  while stack:
+    i = constant.get(stack.pop())
+    if i is not None and i not in needed:
+      needed.add(i)
+      stack.extend(u for u in jaxpr.eqns[i].invars if not is_literal(u))
+  return needed
+
+
 def feeding_outputs_only(jaxpr) -> set:
   """Variables whose every use is, directly or through other such variables, an output of `jaxpr`
   (in a backward jaxpr: the cotangents of the inputs and what only they are made of)."""

@@ -86,14 +86,15 @@ def rewrite(eqn):
     return jnp.where(index >= math.prod(row_shape), window_size, offset).astype(offset_dtype)
 
   def indices(offset, row_shape):
-    parts, rest = [], offset.astype(jnp.int32)
+    offset = offset.astype(jnp.int32)
+    parts, rest = [], offset
     for a in reversed(pooled_axes):
       parts.append(rest % windows[a])
       rest = rest // windows[a]
     index = jnp.zeros(offset.shape, jnp.int32)
     for size, part, start in zip(row_shape, parts[::-1], window_starts(offset.shape)):
       index = index * size + start + part
-    return jnp.where(offset.astype(jnp.int32) == window_size, math.prod(row_shape), index)
+    return jnp.where(offset == window_size, math.prod(row_shape), index)
 
   @jax.custom_jvp
   def pool(x):

@@ -334,9 +334,9 @@ def exact_at_one_bit(values, dtype) -> bool:
     return False
   if len(values) < 2:
     return True
-  as_dtype = np.asarray(values, dtype).astype(np.float64)
-  a, b = np.asarray(values, dtype).astype(np.float32)
-  if not np.array_equal(as_dtype, np.asarray([a, b], np.float64)):  # not float32 numbers (float64)
+  in_dtype = np.asarray(values, dtype)
+  a, b = in_dtype.astype(np.float32)
+  if not np.array_equal(in_dtype.astype(np.float64), np.asarray([a, b], np.float64)):  # not float32 numbers
     return False
   if not np.array_equal(np.asarray([a, b]).astype(jnp.dtype(jnp.bfloat16)).astype(np.float32), [a, b]):
     return False

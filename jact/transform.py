@@ -55,8 +55,12 @@ class _Residual:
   atom: Any  # a jaxpr Var or Literal of the forward jaxpr
   info: ResidualInfo
   ready_after: int  # forward equation index after which it can be quantised (-1: at the start)
-  recomputed: bool = False  # rebuilt in the backward pass from parameters and constants
   recompute_eqns: tuple[int, ...] = ()  # the forward equations that rebuild it
+
+  @property
+  def recomputed(self) -> bool:
+    """Rebuilt in the backward pass from parameters and constants."""
+    return self.info.recomputed
 
   @property
   def compressed(self) -> bool:
@@ -139,7 +143,7 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
       if any(kinds[i] == _COMPRESSIBLE for i in inputs):
         # A by-product of work on activations (a loop's output that depends on parameters
         # alone): rebuilding it would redo that work and keep its inputs, so it is stored.
-        residuals[k] = dataclasses.replace(r, recomputed=False, info=dataclasses.replace(r.info, recomputed=False))
+        residuals[k] = dataclasses.replace(r, info=dataclasses.replace(r.info, recomputed=False))
         continue
       inputs_needed.update(inputs)
       residuals[k] = dataclasses.replace(r, recompute_eqns=eqns)
@@ -244,7 +248,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     leaf_ids.append(len(residuals))
     recomputed = (source in (info_lib.PARAMETER, info_lib.CONSTANT) and not is_argument
                   and not _jaxpr.is_literal(atom))
-    residuals.append(_Residual(atom, dataclasses.replace(info, recomputed=recomputed), ready, recomputed))
+    residuals.append(_Residual(atom, dataclasses.replace(info, recomputed=recomputed), ready))
   return residuals, leaf_ids
 
 
@@ -300,16 +304,10 @@ def _loop_constants_made_late(jaxpr, constant: dict, eqn, invals: list[Any], env
              and v not in jaxpr.constvars]
   if not late or not dynamic:
     return invals
-  chain, stack = set(), [eqn.invars[k] for k in late]
-  while stack:
-    i = constant.get(stack.pop())
-    if i is not None and i not in chain:
-      chain.add(i)
-      stack.extend(u for u in jaxpr.eqns[i].invars if not _jaxpr.is_literal(u))
-  order = sorted(chain)
-  leaves = [(u, jnp.asarray(env.read(u), u.aval.dtype)) for i in order for u in jaxpr.eqns[i].invars
+  order = sorted(_jaxpr.constant_closure(jaxpr, [eqn.invars[k] for k in late], constant))
+  leaves = [jnp.asarray(env.read(u), u.aval.dtype) for i in order for u in jaxpr.eqns[i].invars
             if _jaxpr.is_literal(u) or u not in constant]
-  tied, leaf_values = jax.lax.optimization_barrier(([invals[k] for k in dynamic], [v for _, v in leaves]))
+  tied, leaf_values = jax.lax.optimization_barrier(([invals[k] for k in dynamic], leaves))
   local, leaf_values = {}, iter(leaf_values)
   for i in order:
     chain_eqn = jaxpr.eqns[i]
