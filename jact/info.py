@@ -39,6 +39,11 @@ class ResidualInfo:
     two_valued: provably takes at most two values that 1-bit codes represent exactly (a ReLU's
       derivative, a scaled dropout mask); compressed, it is stored at 1 bit whatever the policy's
       width, without error.
+    rebuilt_from: the name of another residual of the same call that this one is an affine
+      function of (`2 * x` and `x - mean`, say): only that one is stored, and this one is rebuilt
+      from its decoded value in the backward pass (see `jact._affine`).
+    extra_nbytes: for a rebuilt residual, the bytes of the small values (a mean, say) stored at
+      full precision for rebuilding it.
   """
   name: str
   shape: tuple[int, ...]
@@ -51,6 +56,8 @@ class ResidualInfo:
   kept_because: str = ""
   recomputed: bool = False
   two_valued: bool = False
+  rebuilt_from: str = ""
+  extra_nbytes: int = 0
 
   @property
   def size(self) -> int:
@@ -66,6 +73,8 @@ class ResidualInfo:
     """Bytes jact stores for it at `bits` (payload plus per-group metadata)."""
     if self.recomputed:
       return 0
+    if self.rebuilt_from:
+      return self.extra_nbytes
     if self.bits == 32:
       return self.nbytes
     return codec.stored_nbytes(self.shape, self.dtype, self.bits, self.group_size)
@@ -109,7 +118,8 @@ class ResidualTable(list):
   def __str__(self) -> str:
     header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")
     rows = [(r.name, "x".join(map(str, r.shape)) or "()", str(r.dtype),
-             r.source + (" (recomputed)" if r.recomputed else f" ({r.kept_because})"
+             r.source + (" (recomputed)" if r.recomputed else
+                         f" (from {r.rebuilt_from.rsplit('/', 1)[-1]})" if r.rebuilt_from else f" ({r.kept_because})"
                          if r.kept_because not in ("", r.source) else
                          " (two values: exact)" if r.two_valued and r.compressed else ""), str(r.bits),
              format_bytes(r.nbytes), format_bytes(r.stored_nbytes)) for r in self]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jact import _chains, _compile, _context, _jaxpr, codec, hashing, info as info_lib, policies
+from jact import _affine, _chains, _compile, _context, _jaxpr, codec, hashing, info as info_lib, policies
 from jact.info import ResidualInfo
 
 DEFAULT_GROUP_SIZE = 256
@@ -56,6 +56,9 @@ class _Residual:
   info: ResidualInfo
   ready_after: int  # forward equation index after which it can be quantised (-1: at the start)
   recompute_eqns: tuple[int, ...] = ()  # the forward equations that rebuild it
+  # For a residual rebuilt from an affine relative (see jact._affine): (the relative's index,
+  # its path, this residual's path).
+  rebuild: tuple[int, Any, Any] | None = None
 
   @property
   def recomputed(self) -> bool:
@@ -76,6 +79,8 @@ class _Plan:
   residuals: list[_Residual]  # distinct residuals
   leaf_ids: list[int]  # residual leaf position -> index into `residuals`
   recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters) the recomputation reads
+  rebuild_operands: tuple[Any, ...] = ()  # small forward values that rebuilding needs, stored as they are
+  activations: frozenset = frozenset()  # forward variables computed from compressible inputs
   _rules: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -133,7 +138,8 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   num_outs = len(out_avals)
   bwd = jax.make_jaxpr(lambda res, cts: jax.tree.unflatten(vjp_tree[0], res)(cts))(
       list(res_avals), [a.to_tangent_aval() for a in out_avals])
-  residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config,
+  deps = _jaxpr.dependence(fwd.jaxpr, [frozenset({k}) for k in kinds])
+  residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config, deps,
                                   _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]),
                                   _jaxpr.value_sets(fwd.jaxpr, fwd.consts))
   inputs_needed = set()
@@ -147,7 +153,33 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
         continue
       inputs_needed.update(inputs)
       residuals[k] = dataclasses.replace(r, recompute_eqns=eqns)
-  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)))
+  operands = _store_affine_relatives_once(fwd.jaxpr, residuals)
+  activations = frozenset(v for v, tags in deps.items() if _COMPRESSIBLE in tags)
+  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands, activations)
+
+
+def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any, ...]:
+  """Marks compressed residuals that are affine functions of another one as rebuilt from it (see
+  jact._affine); returns the small values their rebuilding needs."""
+  candidates = {uid: r.atom for uid, r in enumerate(residuals)
+                if r.compressed and not r.recomputed and not r.info.two_valued}
+  groups = _affine.representatives(jaxpr, candidates)
+  operands: list[Any] = []
+  for uid, (rep, paths) in groups.items():
+    # The group gets its finest width; values rebuilt from small values alone are exact.
+    bits = 32 if rep is None else max(residuals[u].info.bits for u in paths)
+    if uid != rep:
+      representative = None if rep is None else paths[rep]
+      needed = [v for v in _affine.small_operands(jaxpr, [p for p in (representative, paths[uid]) if p])
+                if v not in operands]
+      operands.extend(needed)
+      extra = sum(int(np.prod(v.aval.shape)) * info_lib.itemsize(v.aval.dtype) for v in needed)
+      info = dataclasses.replace(residuals[uid].info, bits=bits, extra_nbytes=extra,
+                                 rebuilt_from="small values" if rep is None else residuals[rep].info.name)
+      residuals[uid] = dataclasses.replace(residuals[uid], info=info, rebuild=(rep, representative, paths[uid]))
+    else:
+      residuals[uid] = dataclasses.replace(residuals[uid], info=dataclasses.replace(residuals[uid].info, bits=bits))
+  return tuple(operands)
 
 
 def _recomputation(jaxpr, atoms) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -194,8 +226,7 @@ def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
 
 
 def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str], scope: str,
-              config: _Config, nonlinear: set, value_sets: dict) -> tuple[list[_Residual], list[int]]:
-  deps = _jaxpr.dependence(jaxpr, [frozenset({k}) for k in kinds])
+              config: _Config, deps: dict, nonlinear: set, value_sets: dict) -> tuple[list[_Residual], list[int]]:
   producer_index = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
   producers = _jaxpr.producers(jaxpr)
   last_use = _jaxpr.last_uses(jaxpr)
@@ -324,6 +355,8 @@ def _loop_constants_made_late(jaxpr, constant: dict, eqn, invals: list[Any], env
 def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence[Any], compress: bool = True):
   """Outputs and the residuals it computes; with `compress=False` every residual is kept as it is.
 
+  The stored list holds one entry per residual (None for those rebuilt in the backward pass), then
+  the small values that rebuilding reads (`plan.rebuild_operands`).
   Inputs stored as they are (`plan.stored_inputs`) are left as None: `_hand_over` adds them
   outside the shared rule, since an input returned by an XLA call is copied, which for the
   weights of every layer would cost a copy of the model kept until the backward pass.
@@ -333,7 +366,7 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   constant = _jaxpr.constant_producers(jaxpr)
   ready: dict[int, list[int]] = {}
   for uid, r in enumerate(plan.residuals):
-    if r.compressed and compress:
+    if r.compressed and compress and r.rebuild is None:
       ready.setdefault(r.ready_after, []).append(uid)
   stored: list[Any] = [None] * len(plan.residuals)
   pending: list[tuple[int, codec.QuantizedArray]] = []
@@ -356,7 +389,9 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   for i, eqn in enumerate(jaxpr.eqns):
     invals = [env.read(v) for v in eqn.invars]
     dynamic = [k for k, v in enumerate(eqn.invars) if not _jaxpr.is_literal(v)]
-    if pending and dynamic:
+    # Codes are tied to the next work on activations: tied to an index computation or a weight's
+    # transpose, they would leave the activation path free to run ahead.
+    if pending and any(eqn.invars[k] in plan.activations for k in dynamic):
       for k, value in zip(dynamic, tie([invals[k] for k in dynamic])):
         invals[k] = value
     invals = _loop_constants_made_late(jaxpr, constant, eqn, invals, env)
@@ -367,9 +402,10 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   if pending:
     outs = tie(outs)
   for uid, r in enumerate(plan.residuals):
-    if stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed and uid not in plan.stored_inputs:
+    if (stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed
+        and uid not in plan.stored_inputs and not (compress and r.rebuild is not None)):
       stored[uid] = env.read(r.atom)
-  return outs, stored
+  return outs, stored + [env.read(v) for v in plan.rebuild_operands]
 
 
 def _hand_over(plan: _Plan, outs: list[Any], stored: list[Any], inputs: Sequence[Any]):
@@ -399,8 +435,9 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
   cotangents that first need it, so that XLA cannot hoist work on it (dequantisation, a layout
   copy of a weight, a recomputation) to the start of the backward pass and keep the result alive."""
   fallback_tie = [c for c in cts if jnp.issubdtype(jnp.result_type(c), jnp.inexact)]
-  num_stored = len(plan.residuals)
-  parameters = list(stored[num_stored:])
+  num_stored, num_operands = len(plan.residuals), len(plan.rebuild_operands)
+  operands = list(stored[num_stored:num_stored + num_operands])
+  parameters = list(stored[num_stored + num_operands:])
   stored = stored[:num_stored]
   jaxpr = plan.bwd.jaxpr
   num_res = len(plan.leaf_ids)
@@ -438,16 +475,26 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
     tie_values = [invals[k] for k in tie_positions] if invals is not None and tie_positions else fallback_tie
     tie_values = list(tie_values) + previous
     recomputing = any(plan.residuals[u].recomputed for u in need)
-    (codes, params), tied = jax.lax.optimization_barrier(
-        (([stored[u] for u in need], parameters if recomputing else []), tie_values))
+    rebuilding = [u for u in need if stored[u] is None and plan.residuals[u].rebuild is not None]
+    sources = [(None if plan.residuals[u].rebuild[0] is None else stored[plan.residuals[u].rebuild[0]])
+               if u in rebuilding else stored[u] for u in need]
+    (codes, params, small), tied = jax.lax.optimization_barrier(
+        ((sources, parameters if recomputing else [], operands if rebuilding else []), tie_values))
     if invals is not None and tie_positions:
       for k, value in zip(tie_positions, tied):
         invals[k] = value
     for uid, value in zip(need, codes):
       if plan.residuals[uid].recomputed:
         value = _recompute(plan, params, plan.residuals[uid])
-      elif isinstance(value, codec.QuantizedArray):
+        restore(uid, value)
+        waiting.discard(uid)
+        continue
+      if isinstance(value, codec.QuantizedArray):
         value = codec.dequantize(value, kernel=config.kernel)
+      if uid in rebuilding:
+        _, representative, member = plan.residuals[uid].rebuild
+        value = _affine.rebuild(plan.fwd.jaxpr, representative, member, value,
+                                dict(zip(plan.rebuild_operands, small)))
       restore(uid, value)
       waiting.discard(uid)
 
