@@ -1,11 +1,13 @@
 """Residuals that are affine functions of one another, stored once.
 
-Autodiff of a normalisation layer saves two full-size residuals that are affine functions of the
-same activation `x`: Flax's BatchNorm and LayerNorm compute the variance as
-`mean(x**2) - mean(x)**2`, whose derivative saves `2 * x`, and the normalisation saves
-`x - mean`. Given the small `mean`, either determines the other. jact stores one of them (the
-representative) and rebuilds the others from its decoded value in the backward pass, which halves
-what every normalisation layer stores.
+Autodiff of a normalisation layer saves several full-size residuals that are affine functions of
+the same activation `x`: Flax's BatchNorm and LayerNorm compute the variance as
+`mean(x**2) - mean(x)**2`, whose derivative saves `2 * x`; the normalisation saves `x - mean`;
+the layer after it saves the output `(x - mean) * (rsqrt(var) * scale) + bias`. Given the small
+`mean`, `rsqrt(var)`, `scale` and `bias`, any one determines the others. jact stores one of them
+(the representative) and rebuilds the others from its decoded value in the backward pass. A
+full-size residual made of small values alone (LayerNorm's `rsqrt(var)[:, None] * scale`) is
+rebuilt exactly from them. A normalisation layer then stores one full-size residual, not two to four.
 
 An affine path is a chain of equations from a full-size variable (the root) to a residual, each of
 which adds, subtracts or negates, or multiplies or divides by a value that is small (a literal or a
@@ -162,13 +164,17 @@ def rebuild(jaxpr, representative: Path | None, member: Path, value: jax.Array |
   known = set(smalls)
   if member.root is None:
     return read(member.atom)
-  for i, k in reversed(representative.steps):  # undo the representative's path: back to the root
+  # Undo the representative's path back to the root, in float32 at least (a bfloat16 model's
+  # `(x - mean) + mean` would round twice); the root is rounded once, to its own dtype.
+  root_dtype = value.dtype
+  value = value.astype(jnp.promote_types(root_dtype, jnp.float32))
+  for i, k in reversed(representative.steps):
     eqn = jaxpr.eqns[i]
     name = eqn.primitive.name
     if name == "neg":
       value = -value
       continue
-    other = jnp.broadcast_to(jnp.asarray(read(eqn.invars[1 - k]), value.dtype), value.shape)
+    other = jnp.broadcast_to(jnp.asarray(read(eqn.invars[1 - k])).astype(value.dtype), value.shape)
     if name in ("add", "add_any"):
       value = value - other
     elif name == "sub":
@@ -177,7 +183,8 @@ def rebuild(jaxpr, representative: Path | None, member: Path, value: jax.Array |
       value = value / other
     else:  # div by a literal
       value = value * other
-  for i, k in member.steps:  # then follow the member's path forward
+  value = value.astype(member.root.aval.dtype)
+  for i, k in member.steps:  # then follow the member's path forward, as the forward pass did
     eqn = jaxpr.eqns[i]
     value = _jaxpr.eval_eqn(eqn, [value if position == k else read(v) for position, v in enumerate(eqn.invars)])[0]
   return value

@@ -130,12 +130,14 @@ SCALES = jnp.linspace(0.5, 2.0, CHANNELS)
     lambda x, m: (x, m - x),                 # subtraction from a small value
     lambda x, m: (x / 4.0, -(x + m)),        # negation and addition; division by a literal
     lambda x, m: (3.0 * x, (x - m) / 4.0),   # undo a division by a literal
-    lambda x, m: (x * SCALES, x - m),        # a per-channel factor: rebuilt forward, not undone
+    lambda x, m: (x * SCALES.astype(x.dtype), x - m),  # a per-channel factor: rebuilt forward, not undone
 ])
-def test_rebuild_inverts_the_representatives_path(relation):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rebuild_inverts_the_representatives_path(relation, dtype):
   """From the representative's exact value the rebuilt members equal the forward pass's values
-  up to float32 rounding (the paths are exact in real arithmetic)."""
-  x = jax.random.normal(jax.random.key(0), (64, CHANNELS)) + jnp.arange(CHANNELS) / 10
+  up to rounding (the paths are exact in real arithmetic): the root is rebuilt in float32 and
+  rounded once to its dtype, within an ulp of the forward's, then scaled by at most 3."""
+  x = (jax.random.normal(jax.random.key(0), (64, CHANNELS)) + jnp.arange(CHANNELS) / 10).astype(dtype)
 
   def fun(x):
     a, b = relation(x, jnp.mean(x, axis=0, keepdims=True))
@@ -145,9 +147,8 @@ def test_rebuild_inverts_the_representatives_path(relation):
   assert len(pairs) == 1
   (rebuilt, forward), = pairs
   assert rebuilt.shape == forward.shape and rebuilt.dtype == forward.dtype
-  # A few roundings of values up to 3 * max|x| + max|m|.
-  bound = 16 * float(jnp.finfo(jnp.float32).eps) * 4 * float(jnp.max(jnp.abs(x)))
-  np.testing.assert_allclose(rebuilt, forward, rtol=0, atol=bound)
+  bound = 3 * 4 * float(jnp.finfo(dtype).eps) * float(jnp.max(jnp.abs(x)))
+  np.testing.assert_allclose(np.asarray(rebuilt, np.float32), np.asarray(forward, np.float32), rtol=0, atol=bound)
 
 
 def test_non_affine_relatives_are_stored_separately():
