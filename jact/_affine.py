@@ -154,8 +154,17 @@ def rebuild(jaxpr, representative: Path | None, member: Path, value: jax.Array |
   for var, v in smalls.items():
     env.write(var, v)
 
+  # Literals enter as values that exist only once the decoded value (or a small value) does: as
+  # constants, XLA would materialise `2.0` broadcast to full size at the start of the step for a
+  # library fusion that cannot broadcast, and keep it alive throughout.
+  anchor = value if value is not None else next(iter(smalls.values()), None)
+
   def read(atom):  # a small value, or one computed from small values: redone
-    if not _jaxpr.is_literal(atom) and atom not in known:
+    if _jaxpr.is_literal(atom):
+      if anchor is None:
+        return atom.val
+      return jax.lax.optimization_barrier((anchor, jnp.asarray(atom.val, atom.aval.dtype)))[1]
+    if atom not in known:
       eqn = producers[atom][1]
       env.write(atom, _jaxpr.eval_eqn(eqn, [read(v) for v in eqn.invars])[0])
       known.add(atom)

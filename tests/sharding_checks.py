@@ -156,9 +156,17 @@ def count_collectives(hlo: str) -> dict[str, int]:
   return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
 
 
+def large_constants(hlo: str, min_elements: int = 2**20) -> int:
+  """Fusions that broadcast a literal into an array of `min_elements` or more: XLA computes such a
+  value at the start of the step and keeps it alive until its last use."""
+  shapes = re.findall(r"= \w+\[([\d,]+)\]\S* fusion\(%constant[\w.]*\)", hlo)
+  return sum(1 for dims in shapes if np.prod([int(d) for d in dims.split(",")]) >= min_elements)
+
+
 def describe(compiled) -> dict:
-  """Collective counts and per-device temp bytes of a compiled executable."""
-  return {"collectives": count_collectives(compiled.as_text()),
+  """Collective counts, full-size constants and per-device temp bytes of a compiled executable."""
+  hlo = compiled.as_text()
+  return {"collectives": count_collectives(hlo), "large_constants": large_constants(hlo),
           "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
 
 
