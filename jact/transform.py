@@ -80,7 +80,6 @@ class _Plan:
   leaf_ids: list[int]  # residual leaf position -> index into `residuals`
   recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters) the recomputation reads
   rebuild_operands: tuple[Any, ...] = ()  # small forward values that rebuilding needs, stored as they are
-  activations: frozenset = frozenset()  # forward variables computed from compressible inputs
   _rules: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -154,8 +153,7 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
       inputs_needed.update(inputs)
       residuals[k] = dataclasses.replace(r, recompute_eqns=eqns)
   operands = _store_affine_relatives_once(fwd.jaxpr, residuals)
-  activations = frozenset(v for v, tags in deps.items() if _COMPRESSIBLE in tags)
-  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands, activations)
+  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands)
 
 
 def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any, ...]:
@@ -389,9 +387,9 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
   for i, eqn in enumerate(jaxpr.eqns):
     invals = [env.read(v) for v in eqn.invars]
     dynamic = [k for k, v in enumerate(eqn.invars) if not _jaxpr.is_literal(v)]
-    # Codes are tied to the next work on activations: tied to an index computation or a weight's
-    # transpose, they would leave the activation path free to run ahead.
-    if pending and any(eqn.invars[k] in plan.activations for k in dynamic):
+    # Codes are tied to the next equation that reads a runtime value: tied to a constant (an iota
+    # of indices), they would leave the work after it free to run ahead.
+    if pending and any(eqn.invars[k] not in constant and eqn.invars[k] not in jaxpr.constvars for k in dynamic):
       for k, value in zip(dynamic, tie([invals[k] for k in dynamic])):
         invals[k] = value
     invals = _loop_constants_made_late(jaxpr, constant, eqn, invals, env)
