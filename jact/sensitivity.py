@@ -63,6 +63,8 @@ class CalibratedResidual:
     group_size: the codec's group size for them.
     variance: predicted gradient variance contributed at each width of `codec.SUPPORTED_BITS`.
     shapes: their shapes.
+    rebuilt_from: the residual it is rebuilt from (`ResidualInfo.rebuilt_from`, see
+      jact._affine): it costs no bytes and shares that residual's width.
   """
   name: str
   bits: int
@@ -72,11 +74,14 @@ class CalibratedResidual:
   variance: tuple[float, ...]
   shapes: tuple[tuple[int, ...], ...]
   dtype: str
+  rebuilt_from: str = ""
 
   def variance_at(self, bits: int) -> float:
     return self.variance[codec.SUPPORTED_BITS.index(bits)]
 
   def stored_nbytes_at(self, bits: int) -> int:
+    if self.rebuilt_from:
+      return 0
     return sum(codec.stored_nbytes(s, self.dtype, bits, self.group_size) for s in self.shapes)
 
   @property
@@ -119,7 +124,8 @@ class Calibrated:
 
   @property
   def average_bits(self) -> float:
-    elements = sum(math.prod(s) for r in self.residuals for s in r.shapes)
+    """Over the residuals that are stored."""
+    elements = sum(math.prod(s) for r in self.residuals if not r.rebuilt_from for s in r.shapes)
     return 8 * self.stored_nbytes / elements if elements else float("nan")
 
   def to_data(self) -> dict:
@@ -446,13 +452,20 @@ def calibrate_with(probed: _Probed, args: Sequence[Any], options: Options) -> Ca
   for n in names:
     info = infos[n]
     rows.append(CalibratedResidual(n, 32, len(shapes[n]), sum(math.prod(s) for s in shapes[n]) * info.dtype.itemsize,
-                                   info.group_size, tuple(float(v) for v in variance[n]), shapes[n], info.dtype.name))
+                                   info.group_size, tuple(float(v) for v in variance[n]), shapes[n], info.dtype.name,
+                                   info.rebuilt_from))
+  # A residual rebuilt from another is not stored, and its noise is that residual's: the width of
+  # the stored one is chosen for both, with their variances summed, at the stored one's bytes.
+  stored = [r for r in rows if not r.rebuilt_from]
   budget_bytes = options.budget_bytes
   if budget_bytes is None:
     budget_bytes = int(sum(math.prod(s) * options.avg_bits / 8 + 4 * codec.Layout.of(s, r.group_size).num_groups
-                           for r in rows for s in r.shapes))
-  var_matrix = np.array([[r.variance_at(b) for b in options.candidates] for r in rows])
-  byte_matrix = np.array([[r.stored_nbytes_at(b) for b in options.candidates] for r in rows])
+                           for r in stored for s in r.shapes))
+  var_matrix = np.array([[r.variance_at(b) + sum(m.variance_at(b) for m in rows if m.rebuilt_from == r.name)
+                          for b in options.candidates] for r in stored])
+  byte_matrix = np.array([[r.stored_nbytes_at(b) for b in options.candidates] for r in stored])
   choice = allocate(var_matrix, byte_matrix, budget_bytes)
-  rows = tuple(dataclasses.replace(r, bits=options.candidates[c]) for r, c in zip(rows, choice))
+  bits = {r.name: options.candidates[c] for r, c in zip(stored, choice)}
+  narrowest = min(options.candidates)  # for residuals rebuilt exactly from small values
+  rows = tuple(dataclasses.replace(r, bits=bits.get(r.rebuilt_from or r.name, narrowest)) for r in rows)
   return Calibrated(rows, options.candidates, int(budget_bytes), options.method)

@@ -161,3 +161,23 @@ def test_non_affine_relatives_are_stored_separately():
 
   table = jact.residuals(jact.remat_compress(fun, bits=2, keep_argnums=(1,)), x, w)
   assert not any(info.rebuilt_from for info in table)
+
+
+def test_calibrate_prices_rebuilt_residuals_at_nothing():
+  """`jact.calibrate` chooses one width for a stored residual and those rebuilt from it (their
+  variances summed, the stored one's bytes), so the stored bytes stay within the budget."""
+  variables, x = block_data()
+  f = block_fn(variables)
+  compressed = jact.remat_compress(f, bits=2)
+  policy = jact.calibrate(block_loss(compressed), variables["params"], x, avg_bits=3,
+                          candidates=(2, 4, 8), progress=False)
+  rows = {r.name: r for r in policy.residuals}
+  rebuilt = [r for r in policy.residuals if r.rebuilt_from]
+  assert len(rebuilt) >= 3
+  for r in rebuilt:
+    assert r.stored_nbytes_at(r.bits) == 0
+    assert r.bits == (rows[r.rebuilt_from].bits if r.rebuilt_from in rows else min(policy.candidates))
+  stored = jact.residuals(jact.remat_compress(f, bits=policy), variables["params"], x)
+  assert stored.activation_nbytes(stored=True) <= policy.budget_bytes + sum(info.extra_nbytes for info in stored)
+  assert policy.stored_nbytes <= policy.budget_bytes
+  assert jact.policies.from_json(jact.policies.to_json(policy)) == policy
