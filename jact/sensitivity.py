@@ -411,6 +411,12 @@ def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budg
   respect to `args[argnums]`) to each residual's rounding noise is measured; then the widths that
   minimise the predicted gradient variance within the budget are chosen (see `allocate`).
 
+  Residuals that jact rebuilds from another one (`ResidualInfo.rebuilt_from`: a normalisation's
+  `2 * x` from its `x - mean`) get that one's width and cost no bytes. Which ones are rebuilt
+  depends on the compressed calls being compressed: calibrate a model wrapped at a width below 32
+  (any width; residuals are kept exact here). With calls at 32 bits every residual is priced at
+  its own width, and the calibrated policy then stores less than its budget.
+
   Nothing global changes: no RNG state, no model state (a `loss_fn` that returns updated
   BatchNorm statistics as aux has them discarded), and the compressed calls keep their own
   policies outside this function. Apply the result with `bits=policy` or `jact.use_policy(policy)`.

@@ -232,9 +232,11 @@ def calibrate(task: Task, params: Params, state: State, seed: int, avg_bits: flo
 def calibration_loss(task: Task) -> Loss:
   """The loss with every block compressed, for `jact.calibrate` and `jact.Recalibration`.
 
-  Calibration keeps residuals exact and looks them up by name, so any width serves here.
+  Calibration keeps residuals exact and looks them up by name; a compressed width (any below 32)
+  lets it see which residuals are rebuilt from others (`ResidualInfo.rebuilt_from`) and price them
+  with the residual they are rebuilt from.
   """
-  return loss_fn(task, task.build(compressed_blocks(32)))
+  return loss_fn(task, task.build(compressed_blocks(2)))
 
 
 @dataclasses.dataclass(frozen=True)
