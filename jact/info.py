@@ -100,6 +100,17 @@ def format_bytes(n: float) -> str:
   raise AssertionError("unreachable")
 
 
+def _how_stored(r: ResidualInfo) -> str:
+  """The table's note after a residual's source: why it is not stored compressed as usual."""
+  if r.recomputed:
+    return " (recomputed)"
+  if r.rebuilt_from:
+    return f" (from {r.rebuilt_from.rsplit('/', 1)[-1]})"
+  if r.kept_because not in ("", r.source):
+    return f" ({r.kept_because})"
+  return " (two values: exact)" if r.two_valued and r.compressed else ""
+
+
 class ResidualTable(list):
   """A list of ResidualInfo that prints as a table, with totals."""
 
@@ -117,11 +128,7 @@ class ResidualTable(list):
 
   def __str__(self) -> str:
     header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")
-    rows = [(r.name, "x".join(map(str, r.shape)) or "()", str(r.dtype),
-             r.source + (" (recomputed)" if r.recomputed else
-                         f" (from {r.rebuilt_from.rsplit('/', 1)[-1]})" if r.rebuilt_from else f" ({r.kept_because})"
-                         if r.kept_because not in ("", r.source) else
-                         " (two values: exact)" if r.two_valued and r.compressed else ""), str(r.bits),
+    rows = [(r.name, "x".join(map(str, r.shape)) or "()", str(r.dtype), r.source + _how_stored(r), str(r.bits),
              format_bytes(r.nbytes), format_bytes(r.stored_nbytes)) for r in self]
     ratio = self.nbytes / self.stored_nbytes if self.stored_nbytes else float("nan")
     rows.append(("total", "", "", f"{len(self)} residuals", "", format_bytes(self.nbytes),

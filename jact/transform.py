@@ -137,8 +137,7 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   num_outs = len(out_avals)
   bwd = jax.make_jaxpr(lambda res, cts: jax.tree.unflatten(vjp_tree[0], res)(cts))(
       list(res_avals), [a.to_tangent_aval() for a in out_avals])
-  deps = _jaxpr.dependence(fwd.jaxpr, [frozenset({k}) for k in kinds])
-  residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config, deps,
+  residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config,
                                   _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]),
                                   _jaxpr.value_sets(fwd.jaxpr, fwd.consts))
   inputs_needed = set()
@@ -224,7 +223,8 @@ def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
 
 
 def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str], scope: str,
-              config: _Config, deps: dict, nonlinear: set, value_sets: dict) -> tuple[list[_Residual], list[int]]:
+              config: _Config, nonlinear: set, value_sets: dict) -> tuple[list[_Residual], list[int]]:
+  deps = _jaxpr.dependence(jaxpr, [frozenset({k}) for k in kinds])
   producer_index = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
   producers = _jaxpr.producers(jaxpr)
   last_use = _jaxpr.last_uses(jaxpr)
@@ -484,15 +484,13 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
     for uid, value in zip(need, codes):
       if plan.residuals[uid].recomputed:
         value = _recompute(plan, params, plan.residuals[uid])
-        restore(uid, value)
-        waiting.discard(uid)
-        continue
-      if isinstance(value, codec.QuantizedArray):
-        value = codec.dequantize(value, kernel=config.kernel)
-      if uid in rebuilding:
-        _, representative, member = plan.residuals[uid].rebuild
-        value = _affine.rebuild(plan.fwd.jaxpr, representative, member, value,
-                                dict(zip(plan.rebuild_operands, small)))
+      else:
+        if isinstance(value, codec.QuantizedArray):
+          value = codec.dequantize(value, kernel=config.kernel)
+        if uid in rebuilding:
+          _, representative, member = plan.residuals[uid].rebuild
+          value = _affine.rebuild(plan.fwd.jaxpr, representative, member, value,
+                                  dict(zip(plan.rebuild_operands, small)))
       restore(uid, value)
       waiting.discard(uid)
 
