@@ -27,6 +27,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jact
+from tree_math import tree_norm
 
 WIDTH, HEADS, HIDDEN, LAYERS = 512, 8, 2048, 2
 HEAD_DIM = WIDTH // HEADS
@@ -192,7 +193,7 @@ def distances(actual, expected) -> dict:
   """How far gradients `actual` are from `expected`, relative to the norm of `expected`: the
   largest elementwise difference, the norm of the difference, and the fraction of elements that
   are bitwise equal."""
-  norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(e, np.float64))) for e in jax.tree.leaves(expected))))
+  norm = tree_norm(expected)
   diffs = [np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))
            for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)]
   return {"max_abs": max(float(d.max()) for d in diffs) / norm,

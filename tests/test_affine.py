@@ -8,6 +8,7 @@ import pytest
 
 import jact
 from jact import _affine, _jaxpr
+from tree_math import relative_error
 
 CHANNELS = 256
 
@@ -41,14 +42,6 @@ def block_fn(variables):
 def block_loss(f):
   weights = jnp.sin(jnp.arange(CHANNELS, dtype=jnp.float32))
   return lambda params, x, **kw: jnp.sum(f(params, x, **kw) * weights)
-
-
-def tree_norm(tree) -> float:
-  return float(np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in jax.tree.leaves(tree))))
-
-
-def relative_error(a, b) -> float:
-  return tree_norm(jax.tree.map(lambda p, q: np.asarray(p, np.float64) - np.asarray(q, np.float64), a, b)) / tree_norm(b)
 
 
 def test_normalisation_layers_store_one_full_size_residual_each():

@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 import jact
 import jact.flax  # noqa: F401  (makes jact.flax available)
+from tree_math import relative_error, tree_norm
 
 BATCH, SIDE, CHANNELS, CLASSES = 4, 8, 8, 10
 
@@ -29,22 +30,12 @@ EPS_8 = 2 * (1 + 2**-8) / 255
 FLOAT32_RTOL = 1e-5
 
 
-def _norm(tree) -> float:
-  """The Euclidean norm of all of a tree's leaves together, in float64."""
-  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
-
-
 def _assert_trees_close(actual, expected, rtol: float) -> None:
   """Leafwise closeness with an absolute tolerance scaled to the whole tree's norm."""
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  scale = _norm(expected)
+  scale = tree_norm(expected)
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, e, rtol=0, atol=rtol * scale)
-
-
-def _relative_error(actual, expected) -> float:
-  diff = jax.tree.map(jnp.subtract, actual, expected)
-  return _norm(diff) / _norm(expected)
 
 
 def _batch(seed: int = 0):
@@ -157,7 +148,7 @@ def test_linen_8_bits_gradients_within_codec_bound(linen_setup):
                                                       jax.random.key(7))[0], variables["params"])
   num_compressed = sum(r.compressed for r in table)
   assert num_compressed > 0
-  assert _relative_error(grads8, grads) <= num_compressed * EPS_8
+  assert relative_error(grads8, grads) <= num_compressed * EPS_8
 
 
 def test_linen_residual_names_carry_module_paths(linen_setup):
@@ -203,7 +194,7 @@ def test_use_policy_overrides_bits_of_built_model(linen_setup):
       return jax.grad(loss)(params)
 
   _assert_trees_close(step(variables["params"]), grads, FLOAT32_RTOL)
-  assert _relative_error(step(variables["params"], policy), grads) > 0  # retraced with the policy
+  assert relative_error(step(variables["params"], policy), grads) > 0  # retraced with the policy
 
 
 class Layer(nn.Module):
@@ -230,7 +221,7 @@ def test_composes_with_linen_transforms(compose):
   for bits, rtol in ((32, FLOAT32_RTOL), (8, 3 * 2 * EPS_8)):  # 3 layers, 2 compressed residuals each
     model = compose(jact.flax.compressed(Layer, bits, min_size=0))()
     assert jax.tree.structure(model.init(jax.random.key(1), x)) == jax.tree.structure(variables)
-    assert _relative_error(jax.grad(loss(model))(variables), expected) <= rtol
+    assert relative_error(jax.grad(loss(model))(variables), expected) <= rtol
 
 
 def test_remat_inside_compressed():
@@ -339,7 +330,7 @@ def test_nnx_8_bits_gradients_within_codec_bound(nnx_baseline):
   num_compressed = sum(r.compressed for r in table)
   assert num_compressed > 0
   assert any(r.name.startswith("NnxConvBlock/") for r in table if r.compressed)
-  assert _relative_error(grads8, grads) <= num_compressed * EPS_8
+  assert relative_error(grads8, grads) <= num_compressed * EPS_8
 
 
 def test_nnx_eager_call_updates_state_as_uncompressed():
