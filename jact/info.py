@@ -14,9 +14,12 @@ from jact import codec
 # Where a residual comes from. Only "activation" and "input" residuals are ever compressed.
 ACTIVATION = "activation"  # computed inside the wrapped function from its compressible inputs
 INPUT = "input"            # one of the wrapped function's own arguments
+INDEX = "index"            # computed from integer/boolean inputs (indices, masks) and parameters only
 PARAMETER = "parameter"    # an argument in keep_argnums, a closed-over value, or computed from those only
 CONSTANT = "constant"      # depends on no argument at all (XLA rebuilds it for free)
-SOURCES = (ACTIVATION, INPUT, PARAMETER, CONSTANT)
+SOURCES = (ACTIVATION, INPUT, INDEX, PARAMETER, CONSTANT)
+# Sources that the backward pass recomputes from inputs that are alive anyway rather than storing.
+RECOMPUTABLE = (INDEX, PARAMETER, CONSTANT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +37,10 @@ class ResidualInfo:
     bits: the stored width (32: kept as is).
     group_size: the codec's group size.
     kept_because: why it is not compressed, when the policy was not asked ("" otherwise).
-    recomputed: a value of parameters and constants alone (a weight's layout, a dropout mask),
-      rebuilt in the backward pass rather than stored.
+    recomputed: a value of parameters, constants and index inputs alone (a weight's layout, a
+      dropout mask, a graph's edges cut into chunks), rebuilt in the backward pass rather than
+      stored. (A value computed in a loop over activations is stored, and so is a value of index
+      inputs smaller than the inputs it would keep alive.)
     two_valued: provably takes at most two values that 1-bit codes represent exactly (a ReLU's
       derivative, a scaled dropout mask); compressed, it is stored at 1 bit whatever the policy's
       width, without error.
@@ -84,6 +89,10 @@ class ResidualInfo:
     return self.bits != 32
 
 
+def aval_nbytes(aval) -> int:
+  return math.prod(aval.shape) * itemsize(aval.dtype)
+
+
 def itemsize(dtype) -> int:
   """Bytes per element, typed PRNG keys included (their key data)."""
   if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
@@ -124,7 +133,7 @@ class ResidualTable(list):
 
   def activation_nbytes(self, stored: bool = False) -> int:
     """Bytes of compressible residuals (activations and inputs), full or as stored."""
-    return sum(r.stored_nbytes if stored else r.nbytes for r in self if r.source in (ACTIVATION, INPUT))
+    return sum(r.stored_nbytes if stored else r.nbytes for r in self if r.source in (ACTIVATION, INPUT, INDEX))
 
   def __str__(self) -> str:
     header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")

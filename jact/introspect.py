@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable, Sequence
 
@@ -48,7 +49,9 @@ def residuals(fn: Callable, *args: Any, keep_argnums: Sequence[int] = (), **kwar
   with _context.collecting() as regions:
     plan = transform.analyse(flat, leaves, kept, [f"arg{i}" for i in range(len(leaves))], scope, config)
   jaxpr = plan.fwd.jaxpr
-  outside = [r.info for r in plan.residuals if not _stored_by_jact(jaxpr, r.atom)]
+  # Plain JAX stores what it keeps outside compressed calls: nothing there is rebuilt.
+  outside = [dataclasses.replace(r.info, recomputed=False) for r in plan.residuals
+             if not _stored_by_jact(jaxpr, r.atom)]
   return ResidualTable([info for region in regions for info in region] + outside)
 
 

@@ -28,13 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.interpreters import partial_eval as pe
 
 from jact import _affine, _chains, _compile, _context, _jaxpr, codec, hashing, info as info_lib, policies
 from jact.info import ResidualInfo
 
 DEFAULT_GROUP_SIZE = 256
 DEFAULT_MIN_SIZE = 4096
-_KEEP, _COMPRESSIBLE = "keep", "compressible"
+# What a wrapped function's input is: a parameter (keep_argnums, closed-over values), an array of
+# integers or booleans that is not differentiated (indices, masks), or a compressible activation.
+_KEEP, _INDEX, _COMPRESSIBLE = "keep", "index", "compressible"
+
+
+def _kind(leaf: Any, kept: bool) -> str:
+  if kept:
+    return _KEEP
+  return _COMPRESSIBLE if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else _INDEX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +64,8 @@ class _Residual:
   atom: Any  # a jaxpr Var or Literal of the forward jaxpr
   info: ResidualInfo
   ready_after: int  # forward equation index after which it can be quantised (-1: at the start)
-  recompute_eqns: tuple[int, ...] = ()  # the forward equations that rebuild it
+  # The part of the forward jaxpr that rebuilds it (its inputs are those it reads).
+  recompute: tuple[Any, tuple[int, ...]] | None = None
   # For a residual rebuilt from an affine relative (see jact._affine): (the relative's index,
   # its path, this residual's path).
   rebuild: tuple[int, Any, Any] | None = None
@@ -118,7 +128,7 @@ def full_precision_config() -> _Config:
 def analyse(fun: Callable, leaves: Sequence[Any], kept: Sequence[bool], labels: Sequence[str],
             scope: str, config: _Config) -> "_Plan":
   """The residual plan of `fun(*leaves)` without running anything; `kept` marks parameter leaves."""
-  return _build_plan(fun, leaves, [_KEEP if k else _COMPRESSIBLE for k in kept], labels, scope, config)
+  return _build_plan(fun, leaves, [_kind(leaf, k) for leaf, k in zip(leaves, kept)], labels, scope, config)
 
 
 def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], labels: Sequence[str],
@@ -140,17 +150,24 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
   residuals, leaf_ids = _classify(fwd.jaxpr, num_outs, kinds, labels, scope, config,
                                   _nonlinear(bwd.jaxpr, fwd.jaxpr.outvars[num_outs:]),
                                   _jaxpr.value_sets(fwd.jaxpr, fwd.consts))
-  inputs_needed = set()
+  inputs_needed: set[int] = set()
+  invar_index = {v: i for i, v in enumerate(fwd.jaxpr.invars)}
+  alive = {invar_index[r.atom] for r in residuals if not _jaxpr.is_literal(r.atom) and r.atom in invar_index}
   for k, r in enumerate(residuals):
     if r.recomputed:
-      inputs, eqns = _recomputation(fwd.jaxpr, [r.atom])
-      if any(kinds[i] == _COMPRESSIBLE for i in inputs):
-        # A by-product of work on activations (a loop's output that depends on parameters
-        # alone): rebuilding it would redo that work and keep its inputs, so it is stored.
+      pruned, inputs = recompute = _recomputation(fwd.jaxpr, r.atom)
+      # Stored instead: what needs an activation (rebuilding would redo work on activations and
+      # keep them alive), a value of index inputs that would keep more of their bytes alive than
+      # it has, and work with effects (dead-code elimination keeps it; rebuilding would repeat it).
+      index_bytes = sum(info_lib.aval_nbytes(fwd.jaxpr.invars[i].aval) for i in inputs
+                        if kinds[i] == _INDEX and i not in alive)
+      if (any(kinds[i] == _COMPRESSIBLE for i in inputs) or index_bytes > r.info.nbytes
+          or any(eqn.effects for eqn in pruned.eqns)):
         residuals[k] = dataclasses.replace(r, info=dataclasses.replace(r.info, recomputed=False))
         continue
       inputs_needed.update(inputs)
-      residuals[k] = dataclasses.replace(r, recompute_eqns=eqns)
+      alive.update(inputs)
+      residuals[k] = dataclasses.replace(r, recompute=recompute)
   operands = _store_affine_relatives_once(fwd.jaxpr, residuals)
   return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands)
 
@@ -179,24 +196,18 @@ def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any
   return tuple(operands)
 
 
-def _recomputation(jaxpr, atoms) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """The forward inputs and equations that compute `atoms` (values of parameters and constants).
+def _recomputation(jaxpr, atom) -> tuple[Any, tuple[int, ...]]:
+  """The part of `jaxpr` that computes `atom`, and the inputs it reads (for values of parameters,
+  index inputs and constants).
 
-  Such values -- a transposed weight, a broadcast zero, a dropout mask drawn from a key -- cost
-  nothing to rebuild from parameters that are alive anyway, while storing them would keep a
-  buffer alive from the forward to the backward pass.
+  Such values -- a transposed weight, a dropout mask drawn from a key, a graph's edges cut into
+  chunks -- cost little to rebuild from inputs that are alive anyway, while storing them would
+  keep a buffer alive from the forward to the backward pass. Dead-code elimination looks into
+  loops and calls, so a value that a loop computes from its index inputs alone is rebuilt by a
+  loop that does only that.
   """
-  producer = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
-  invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
-  inputs, eqns, stack = set(), set(), list(atoms)
-  while stack:
-    v = stack.pop()
-    if v in invar_index:
-      inputs.add(invar_index[v])
-    elif v in producer and producer[v] not in eqns:
-      eqns.add(producer[v])
-      stack.extend(u for u in jaxpr.eqns[producer[v]].invars if not _jaxpr.is_literal(u))
-  return tuple(sorted(inputs)), tuple(sorted(eqns))
+  pruned, used = pe.dce_jaxpr(jaxpr.replace(outvars=[atom]), [True])
+  return pruned, tuple(i for i, u in enumerate(used) if u)
 
 
 def _nonlinear(bwd_jaxpr, residual_atoms) -> set:
@@ -259,7 +270,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       counters[path] = count + 1
       label = f"{path}{count}"
       tags = deps.get(atom, frozenset())
-      source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags
+      source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags else info_lib.INDEX if _INDEX in tags
                 else info_lib.PARAMETER if tags else info_lib.CONSTANT)
     values = None if _jaxpr.is_literal(atom) else value_sets.get(atom)
     info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
@@ -275,14 +286,13 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       ready = max(producer_index.get(atom, -1), last_use.get(atom, -1))
       seen[atom] = len(residuals)
     leaf_ids.append(len(residuals))
-    recomputed = (source in (info_lib.PARAMETER, info_lib.CONSTANT) and not is_argument
-                  and not _jaxpr.is_literal(atom))
+    recomputed = (source in info_lib.RECOMPUTABLE and not is_argument and not _jaxpr.is_literal(atom))
     residuals.append(_Residual(atom, dataclasses.replace(info, recomputed=recomputed), ready))
   return residuals, leaf_ids
 
 
 def _choose_bits(info: ResidualInfo, config: _Config, used_nonlinearly: bool) -> ResidualInfo:
-  if info.source in (info_lib.PARAMETER, info_lib.CONSTANT):
+  if info.source in info_lib.RECOMPUTABLE:
     return dataclasses.replace(info, kept_because=info.source)
   if not jnp.issubdtype(info.dtype, jnp.floating):
     return dataclasses.replace(info, kept_because="not floating point")
@@ -416,16 +426,11 @@ def _hand_over(plan: _Plan, outs: list[Any], stored: list[Any], inputs: Sequence
 
 
 def _recompute(plan: _Plan, parameters: Sequence[Any], residual: _Residual) -> Any:
-  """A recomputed residual's value, from the parameters the forward pass handed over."""
-  fwd = plan.fwd.jaxpr
-  env = _jaxpr.bind_inputs(fwd, plan.fwd.consts, [])
-  for i, value in zip(plan.recompute_inputs, parameters):
-    env.write(fwd.invars[i], value)
-  for i in residual.recompute_eqns:
-    eqn = fwd.eqns[i]
-    for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, [env.read(v) for v in eqn.invars])):
-      env.write(var, value)
-  return env.read(residual.atom)
+  """A recomputed residual's value, from the inputs the forward pass handed over."""
+  jaxpr, inputs = residual.recompute
+  value_of = dict(zip(plan.recompute_inputs, parameters))
+  (value,) = _jaxpr.eval_jaxpr(jaxpr, plan.fwd.consts, *[value_of[i] for i in inputs])
+  return value
 
 
 def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequence[Any]):
@@ -811,10 +816,10 @@ def _compress(fun: Callable, config: _Config, keep_argnums: tuple[int, ...],
       if top == 0:  # a positional argument
         position = dynamic[path[1].idx]
         label = "/".join([names[position]] + [_key_label(p) for p in path[2:]])
-        kinds.append(_KEEP if position in keep_argnums else _COMPRESSIBLE)
+        kinds.append(_kind(leaf, position in keep_argnums))
       else:
         label = "/".join(_key_label(p) for p in path[1:])
-        kinds.append(_COMPRESSIBLE)
+        kinds.append(_kind(leaf, False))
       labels.append(label)
     out_tree = []
 
