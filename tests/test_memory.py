@@ -145,3 +145,21 @@ def test_backward_pass_restores_one_layer_at_a_time():
   stored = jact.residuals(loss, ks, x, keep_argnums=(0,)).activation_nbytes(stored=True)
   temp = jact.memory.compiled(jax.grad(loss), ks, x).temp
   assert temp <= stored + 2.25 * buffer, ((temp - stored) / buffer)
+
+
+def test_where_memory_goes_reads_what_xla_keeps_alive(tmp_path):
+  """benchmarks/where_memory_goes.py reads XLA's buffer assignment: at the product of sin(x) and
+  cos(x) both operands are alive, and what is alive fits in the compiled scratch block. (Summed,
+  XLA fuses the whole step into one kernel and needs no scratch block at all.)"""
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  import where_memory_goes
+
+  x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+  step = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x))
+  compiled = step.lower(x).compile(compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
+  report = where_memory_goes.alive_at_peak(str(tmp_path))
+  assert report["temp"] == compiled.memory_analysis().temp_size_in_bytes
+  assert 2 * 256 * 256 * 4 <= report["alive"] <= report["temp"]
+  assert report["alive"] == sum(size for size, *_ in report["buffers"])
