@@ -4,8 +4,8 @@
   python benchmarks/compile_time.py --depths 16 --repeats 5
 
 The step is `jax.grad` of the MLP (1024 wide, batch 1024, GELU, every layer wrapped by
-`jact.remat_compress`), lowered once per variant and compiled `--repeats` times, variants
-interleaved, the best time kept (the machine is shared; compile times wander). A straight line
+`jact.remat_compress`), lowered and compiled `--repeats` times, variants interleaved, the best
+compile time kept (the machine is shared; compile times wander). A straight line
 through the seconds by depth separates what each layer costs from what the step costs once: XLA
 compiles each distinct kernel once however many identical layers use it, so the codec's own
 kernels are a fixed cost. Writes a markdown table and JSON to --out.
@@ -36,11 +36,11 @@ def lowered(bits: int | None, depth: int):
 
 
 def best_compile_seconds(variants: dict[str, int | None], depth: int, repeats: int) -> dict[str, float]:
-  steps = {name: lowered(bits, depth) for name, bits in variants.items()}
   best = {name: float("inf") for name in variants}
   for _ in range(repeats):
-    for name, step in steps.items():
-      jax.clear_caches()  # no executable cache: each compile is a real one
+    for name, bits in variants.items():
+      jax.clear_caches()  # lowered afresh: a lowered step caches its executable
+      step = lowered(bits, depth)
       start = time.perf_counter()
       step.compile()
       best[name] = min(best[name], time.perf_counter() - start)
