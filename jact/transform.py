@@ -72,7 +72,7 @@ class _Residual:
 
   @property
   def recomputed(self) -> bool:
-    """Rebuilt in the backward pass from parameters and constants."""
+    """Rebuilt in the backward pass from parameters, index inputs and constants."""
     return self.info.recomputed
 
   @property
@@ -88,7 +88,7 @@ class _Plan:
   num_outs: int
   residuals: list[_Residual]  # distinct residuals
   leaf_ids: list[int]  # residual leaf position -> index into `residuals`
-  recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters) the recomputation reads
+  recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters, index inputs) recomputing reads
   rebuild_operands: tuple[Any, ...] = ()  # small forward values that rebuilding needs, stored as they are
   _rules: dict = dataclasses.field(default_factory=dict)
 
