@@ -8,7 +8,7 @@ last forward use and each dequantisation right before its first backward use.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -70,8 +70,9 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], *args) -> list[Any]:
 def dependence(jaxpr, invar_tags: Sequence[frozenset]) -> dict[Var, frozenset]:
   """For every variable, the union of the tags of the inputs it depends on.
 
-  Calls (jit, shard_map, custom_jvp, ...) are followed into their jaxpr, output by output; any
-  other equation's outputs depend on all of its inputs. Constvars carry no tag.
+  Calls (jit, shard_map, custom_jvp, scan, ...) are followed into their jaxpr, output by output (a
+  scan's carry, until what it carries from one step to the next is known); any other equation's
+  outputs depend on all of its inputs. Constvars carry no tag.
   """
   deps: dict[Var, frozenset] = {v: frozenset() for v in jaxpr.constvars}
   deps.update(zip(jaxpr.invars, invar_tags))
@@ -79,13 +80,38 @@ def dependence(jaxpr, invar_tags: Sequence[frozenset]) -> dict[Var, frozenset]:
     ins = [frozenset() if is_literal(v) else deps.get(v, frozenset()) for v in eqn.invars]
     inner = _inner_jaxpr(eqn)
     if inner is not None:
-      inner_deps = dependence(inner, ins)
-      outs = [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
+      def run(ins, inner=inner):
+        inner_deps = dependence(inner, ins)
+        return [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
+      outs = _through_loop(eqn, ins, run, frozenset.union)
     else:
       outs = [frozenset().union(*ins)] * len(eqn.outvars)
     for v, tags in zip(eqn.outvars, outs):
       deps[v] = tags
   return deps
+
+
+def scan_carry_positions(eqn) -> list[int]:
+  """Input positions of a scan's carry; its outputs start with the carry out, in this order."""
+  if "num_carry" in eqn.params:  # jax before 0.12
+    return list(range(eqn.params["num_consts"], eqn.params["num_consts"] + eqn.params["num_carry"]))
+  _, carry, _ = eqn.params["ft_in"].update(list(range(len(eqn.invars)))).unpack()
+  return list(carry)
+
+
+def _through_loop(eqn, ins: Sequence[Any], run: Callable[[list], list], join: Callable) -> list:
+  """`run(ins)`: an analysis of a call-like equation's outputs from facts about its inputs. For a
+  scan the carry in is joined with the carry out until that changes nothing: a later step's carry
+  holds what earlier steps computed, not only the initial value."""
+  carry = scan_carry_positions(eqn) if eqn.primitive.name == "scan" else []
+  ins = list(ins)
+  while True:
+    outs = run(ins)
+    joined = [join(ins[k], out) for k, out in zip(carry, outs)]
+    if all(ins[k] == j for k, j in zip(carry, joined)):
+      return outs
+    for k, j in zip(carry, joined):
+      ins[k] = j
 
 
 def _inner_jaxpr(eqn):
@@ -215,7 +241,8 @@ def degrees(jaxpr, input_degrees: Sequence[int]) -> list[int]:
       outs = [max(ins)] * len(eqn.outvars) if all(d == 0 for d in ins[1:2]) or name != "gather" else [NONLINEAR]
     else:
       inner = _inner_jaxpr(eqn)
-      outs = degrees(inner, ins) if inner is not None else [NONLINEAR] * len(eqn.outvars)
+      outs = (_through_loop(eqn, ins, lambda ins, inner=inner: degrees(inner, ins), max) if inner is not None
+              else [NONLINEAR] * len(eqn.outvars))
     for v, d in zip(eqn.outvars, outs):
       degree[v] = d
   return [read(v) for v in jaxpr.outvars]
@@ -278,9 +305,14 @@ def _propagate(jaxpr, sets: dict) -> None:
     if eqn.effects:
       pass
     elif inner is not None:
-      inner_sets = {v: s for v, s in zip(inner.invars, ins) if s is not None}
-      _propagate(inner, inner_sets)
-      outs = [_literal_values(v) if is_literal(v) else inner_sets.get(v) for v in inner.outvars]
+      def run(ins, inner=inner):
+        inner_sets = {v: s for v, s in zip(inner.invars, ins) if s is not None}
+        _propagate(inner, inner_sets)
+        return [_literal_values(v) if is_literal(v) else inner_sets.get(v) for v in inner.outvars]
+
+      def join(a, b):  # unknown, or too many values, absorbs
+        return None if a is None or b is None or len(a | b) > MAX_VALUES else a | b
+      outs = _through_loop(eqn, ins, run, join)
     elif name in _SAME_VALUES and ins and ins[0] is not None:
       outs = [ins[0]]
     elif name == "optimization_barrier":

@@ -326,6 +326,36 @@ def test_values_of_index_inputs_are_recomputed_unless_their_inputs_are_larger():
   assert rel_err(jax.grad(loss(g))(x), jax.grad(loss(f))(x)) < 1e-5
 
 
+def test_a_scans_carry_is_followed_through_every_step():
+  """What a scan carries holds, from the second step on, what earlier steps computed, not only its
+  initial value: an RNN's stacked states (the carry before each update, starting from zeros) are
+  activations, compressed, and not two-valued; a carry that flips between 0 and 1 is two-valued;
+  a carry that becomes a residual and then divides is nonlinear in it."""
+  from jact import _jaxpr
+
+  def rnn(xs, w):
+    def step(h, x):
+      return jnp.tanh(h @ w + x), h  # the state before the update
+    h, hs = jax.lax.scan(step, jnp.zeros(xs.shape[1:]), xs)
+    return jnp.sum(hs ** 2) + jnp.sum(h)
+
+  xs = jax.random.normal(jax.random.key(0), (16, 64, 128))
+  w = 0.1 * jax.random.normal(jax.random.key(1), (128, 128))
+  g = jact.remat_compress(rnn, bits=2, keep_argnums=(1,))
+  states = [r for r in jact.residuals(g, xs, w) if r.shape == xs.shape]
+  assert states and all(r.source == "activation" and r.compressed and not r.two_valued for r in states), states
+  exact = jax.grad(rnn, argnums=(0, 1))(xs, w)
+  assert rel_err(jax.grad(jact.remat_compress(rnn, bits=32, keep_argnums=(1,)), argnums=(0, 1))(xs, w), exact) < 1e-5
+
+  steps = jnp.zeros(8)
+  counting = jax.make_jaxpr(lambda s: jax.lax.scan(lambda c, _: (c + 1.0, c), 0.0, s))(steps)
+  flipping = jax.make_jaxpr(lambda s: jax.lax.scan(lambda c, _: (1.0 - c, c), 0.0, s))(steps)
+  assert _jaxpr.value_sets(counting.jaxpr).get(counting.jaxpr.outvars[1]) is None
+  assert _jaxpr.value_sets(flipping.jaxpr).get(flipping.jaxpr.outvars[1]) == frozenset({0.0, 1.0})
+  divided = jax.make_jaxpr(lambda rs: jax.lax.scan(lambda c, r: (r, 1.0 / c), 1.0, rs))(jnp.ones(4))
+  assert _jaxpr.degrees(divided.jaxpr, [1])[1] == _jaxpr.NONLINEAR
+
+
 def test_divisors_are_kept():
   """A residual the backward pass divides by is kept: rounding it would bias the gradient."""
   f = jact.remat_compress(lambda x: x / jnp.sum(x * x, axis=-1, keepdims=True), bits=2, min_size=0)
