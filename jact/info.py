@@ -49,6 +49,9 @@ class ResidualInfo:
       from its decoded value in the backward pass (see `jact._affine`).
     extra_nbytes: for a rebuilt residual, the bytes of the small values (a mean, say) stored at
       full precision for rebuilding it.
+    stacked_by_loop: computed inside a `lax.scan` (an RNN, layers under `nn.scan`) and stacked
+      over its steps by the loop itself, at full precision, before jact can compress it: the peak
+      falls little or not at all. Compress the loop's body instead (see `jact.remat_compress`).
   """
   name: str
   shape: tuple[int, ...]
@@ -63,6 +66,7 @@ class ResidualInfo:
   two_valued: bool = False
   rebuilt_from: str = ""
   extra_nbytes: int = 0
+  stacked_by_loop: bool = False
 
   @property
   def size(self) -> int:
@@ -117,6 +121,8 @@ def _how_stored(r: ResidualInfo) -> str:
     return f" (from {r.rebuilt_from.rsplit('/', 1)[-1]})"
   if r.kept_because not in ("", r.source):
     return f" ({r.kept_because})"
+  if r.stacked_by_loop and r.compressed:
+    return " (stacked by a loop)"
   return " (two values: exact)" if r.two_valued and r.compressed else ""
 
 

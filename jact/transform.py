@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -169,7 +170,22 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
       alive.update(inputs)
       residuals[k] = dataclasses.replace(r, recompute=recompute)
   operands = _store_affine_relatives_once(fwd.jaxpr, residuals)
+  _warn_of_loop_stacks(scope, [r.info for r in residuals])
   return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands)
+
+
+def _warn_of_loop_stacks(scope: str, infos: Sequence[ResidualInfo]) -> None:
+  stacked = [r for r in infos if r.stacked_by_loop and r.compressed and not r.recomputed]
+  if stacked:
+    warnings.warn(
+        f"{scope}: {len(stacked)} residuals ({info_lib.format_bytes(sum(r.nbytes for r in stacked))}) are "
+        f"stacked over the steps of a lax.scan inside the compressed function "
+        f"({', '.join(r.name for r in stacked[:3])}{', ...' if len(stacked) > 3 else ''}). The loop builds "
+        "each stack at full precision before jact can compress it, so the peak falls little or not at "
+        "all. "
+        "Compress the loop's body instead: jact.compressed on the module that nn.scan or nn.RNN "
+        "repeats (the cell, the layer), or jact.remat_compress on the function passed to lax.scan.",
+        stacklevel=2)
 
 
 def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any, ...]:
@@ -273,8 +289,11 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags else info_lib.INDEX if _INDEX in tags
                 else info_lib.PARAMETER if tags else info_lib.CONSTANT)
     values = None if _jaxpr.is_literal(atom) else value_sets.get(atom)
+    producer = None if _jaxpr.is_literal(atom) else producers.get(atom)
+    stacked = (producer is not None and producer.primitive.name == "scan"
+               and producer.outvars.index(atom) >= len(_jaxpr.scan_carry_positions(producer)))
     info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
-                        source=source, is_argument=is_argument, primitive=primitive,
+                        source=source, is_argument=is_argument, primitive=primitive, stacked_by_loop=stacked,
                         group_size=config.group_size,
                         two_valued=(values is not None and jnp.issubdtype(aval.dtype, jnp.floating)
                                     and codec.exact_at_one_bit(values, aval.dtype)))
@@ -745,8 +764,10 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   forward starts from the decoded inputs, so its gradient is the gradient at a point within the
   codec's error of the input: not unbiased, as the default mode is.
 
-  Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. Forward-mode
-  differentiation (`jvp`, `jacfwd`, `hessian`) is not supported and raises a TypeError.
+  Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. Wrap a loop's body rather
+  than the loop: the residuals of a `lax.scan` inside `fun` are stacked over the steps by the loop
+  at full precision before they can be compressed (jact warns). Forward-mode differentiation
+  (`jvp`, `jacfwd`, `hessian`) is not supported and raises a TypeError.
 
   Args:
     fun: the function to wrap; its arguments and outputs may be pytrees of arrays.

@@ -330,7 +330,8 @@ def test_a_scans_carry_is_followed_through_every_step():
   """What a scan carries holds, from the second step on, what earlier steps computed, not only its
   initial value: an RNN's stacked states (the carry before each update, starting from zeros) are
   activations, compressed, and not two-valued; a carry that flips between 0 and 1 is two-valued;
-  a carry that becomes a residual and then divides is nonlinear in it."""
+  a carry that becomes a residual and then divides is nonlinear in it. (Compressing the whole
+  RNN warns that the loop stacks its states at full precision; see the next test.)"""
   from jact import _jaxpr
 
   def rnn(xs, w):
@@ -342,8 +343,10 @@ def test_a_scans_carry_is_followed_through_every_step():
   xs = jax.random.normal(jax.random.key(0), (16, 64, 128))
   w = 0.1 * jax.random.normal(jax.random.key(1), (128, 128))
   g = jact.remat_compress(rnn, bits=2, keep_argnums=(1,))
-  states = [r for r in jact.residuals(g, xs, w) if r.shape == xs.shape]
+  with pytest.warns(UserWarning, match="stacked over the steps of a lax.scan"):
+    states = [r for r in jact.residuals(g, xs, w) if r.shape == xs.shape]
   assert states and all(r.source == "activation" and r.compressed and not r.two_valued for r in states), states
+  assert all(r.stacked_by_loop for r in states if not r.rebuilt_from)
   exact = jax.grad(rnn, argnums=(0, 1))(xs, w)
   assert rel_err(jax.grad(jact.remat_compress(rnn, bits=32, keep_argnums=(1,)), argnums=(0, 1))(xs, w), exact) < 1e-5
 
@@ -354,6 +357,36 @@ def test_a_scans_carry_is_followed_through_every_step():
   assert _jaxpr.value_sets(flipping.jaxpr).get(flipping.jaxpr.outvars[1]) == frozenset({0.0, 1.0})
   divided = jax.make_jaxpr(lambda rs: jax.lax.scan(lambda c, r: (r, 1.0 / c), 1.0, rs))(jnp.ones(4))
   assert _jaxpr.degrees(divided.jaxpr, [1])[1] == _jaxpr.NONLINEAR
+
+
+def test_compressing_a_loop_from_outside_warns_and_compressing_its_body_saves_memory():
+  """The residuals of a lax.scan inside a compressed function are stacked over the steps by the
+  loop, at full precision, before jact sees them, and jact says so. Compressing the loop's body
+  quantises each step's residuals inside the loop: nothing is stacked at full precision, nothing
+  warns, and the compiled step needs at least a stack less than the uncompressed one and half a
+  stack less than the loop compressed from outside (measured: 2.1, 4.0 and 3.1 stacks)."""
+  import warnings
+
+  def cell(h, x, w):
+    return jnp.tanh(h @ w + x)
+
+  def rnn(cell):
+    def run(xs, w):
+      h, hs = jax.lax.scan(lambda h, x: (cell(h, x, w),) * 2, jnp.zeros(xs.shape[1:]), xs)
+      return jnp.sum(hs ** 2)
+    return run
+
+  xs = jax.ShapeDtypeStruct((64, 256, 256), jnp.float32)
+  w = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+  temp = lambda f: jact.memory.compiled(jax.grad(f, argnums=(0, 1)), xs, w).temp
+  baseline = temp(rnn(cell))
+  with pytest.warns(UserWarning, match="Compress the loop's body instead"):
+    outside = temp(jact.remat_compress(rnn(cell), bits=2, keep_argnums=(1,)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    inside = temp(rnn(jact.remat_compress(cell, bits=2, keep_argnums=(2,))))
+  stack = 64 * 256 * 256 * 4  # one stacked residual at full precision
+  assert inside < min(baseline - stack, outside - stack / 2), (inside / stack, outside / stack, baseline / stack)
 
 
 def test_divisors_are_kept():
