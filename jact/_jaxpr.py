@@ -91,6 +91,23 @@ def dependence(jaxpr, invar_tags: Sequence[frozenset]) -> dict[Var, frozenset]:
   return deps
 
 
+def named(jaxpr, atom, name: str) -> bool:
+  """Whether `atom` is a value marked `checkpoint_name(value, name)`, looking through calls and
+  loops whose outputs correspond to their jaxpr's outputs one to one."""
+  if is_literal(atom):
+    return False
+  eqn = producers(jaxpr).get(atom)
+  if eqn is None:
+    return False
+  if eqn.primitive.name == "name":
+    return eqn.params.get("name") == name
+  for value in eqn.params.values():
+    inner = getattr(value, "jaxpr", value)
+    if hasattr(inner, "outvars") and len(inner.outvars) == len(eqn.outvars):
+      return named(inner, inner.outvars[eqn.outvars.index(atom)], name)
+  return False
+
+
 def scan_carry_positions(eqn) -> list[int]:
   """Input positions of a scan's carry; its outputs start with the carry out, in this order."""
   if "num_carry" in eqn.params:  # jax before 0.12

@@ -51,21 +51,5 @@ def residuals(fn: Callable, *args: Any, keep_argnums: Sequence[int] = (), **kwar
   jaxpr = plan.fwd.jaxpr
   # Plain JAX stores what it keeps outside compressed calls: nothing there is rebuilt.
   outside = [dataclasses.replace(r.info, recomputed=False) for r in plan.residuals
-             if not _stored_by_jact(jaxpr, r.atom)]
+             if not _jaxpr.named(jaxpr, r.atom, transform.STORED_MARK)]
   return ResidualTable([info for region in regions for info in region] + outside)
-
-
-def _stored_by_jact(jaxpr, atom) -> bool:
-  """Whether `atom` is something a compressed call stored (marked while collecting)."""
-  if _jaxpr.is_literal(atom):
-    return False
-  eqn = _jaxpr.producers(jaxpr).get(atom)
-  if eqn is None:
-    return False
-  if eqn.primitive.name == "name":
-    return eqn.params.get("name") == transform.STORED_MARK
-  for value in eqn.params.values():  # look through jit and other calls
-    inner = getattr(value, "jaxpr", value)
-    if hasattr(inner, "outvars") and len(inner.outvars) == len(eqn.outvars):
-      return _stored_by_jact(inner, inner.outvars[eqn.outvars.index(atom)])
-  return False

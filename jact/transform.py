@@ -266,6 +266,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       continue
     aval = atom.aval
     primitive, is_argument = None, False
+    nested = _jaxpr.named(jaxpr, atom, STORED_MARK)
     if _jaxpr.is_literal(atom):
       source, label = info_lib.CONSTANT, "literal"
     elif atom in invar_index:
@@ -280,8 +281,10 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       inner = [name for name in scopes if not _chains.is_chain_scope(name)]
       if inner and inner[0] == scope.rsplit("/", 1)[-1]:  # Flax re-enters the module's own scope
         inner = inner[1:]
-      # A rewritten elementwise chain stores its derivative (see _chains).
-      path = "/".join(inner + chain[-1:] + ["derivative" if chain else primitive or "const"])
+      # A rewritten elementwise chain stores its derivative (see _chains); a nested compressed
+      # call, its codes and bounds.
+      kind = "derivative" if chain else "nested" if nested else primitive or "const"
+      path = "/".join(inner + chain[-1:] + [kind])
       count = counters.get(path, 0)
       counters[path] = count + 1
       label = f"{path}{count}"
@@ -299,6 +302,10 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
                                     and codec.exact_at_one_bit(values, aval.dtype)))
     info = _choose_bits(info, config, used_nonlinearly=not config.compress_nonlinear
                         and not _jaxpr.is_literal(atom) and atom in nonlinear)
+    if nested and source not in info_lib.RECOMPUTABLE:
+      # Stored by a compressed call nested in this one: its codes and bounds are kept as they are
+      # (rounding a group's bounds would break its decoding).
+      info = dataclasses.replace(info, bits=32, kept_because="stored by a nested compressed call")
     if _jaxpr.is_literal(atom):
       ready = -1
     else:
@@ -550,7 +557,7 @@ class _Stored:
 
 # --- the public transform ------------------------------------------------------------------------
 
-STORED_MARK = "jact:stored"  # checkpoint_name of stored residuals while jact.residuals collects
+STORED_MARK = "jact:stored"  # checkpoint_name of what a compressed call stores (for enclosing ones)
 
 
 class _Traced:
@@ -586,7 +593,8 @@ class _Traced:
       outs, stored = plan.rule("forward", config)(seed, list(inputs))
       if regions is not None:
         regions.append(info_lib.ResidualTable(plan.infos))
-        stored = jax.tree.map(lambda a: checkpoint_name(a, STORED_MARK), stored)
+      # Marked, so that an enclosing compressed call keeps them as they are (see _classify).
+      stored = jax.tree.map(lambda a: checkpoint_name(a, STORED_MARK), stored)
       return outs, _Stored(stored, plan)
 
     def core_bwd(res, cts):

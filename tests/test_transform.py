@@ -389,6 +389,21 @@ def test_compressing_a_loop_from_outside_warns_and_compressing_its_body_saves_me
   assert inside < min(baseline - stack, outside - stack / 2), (inside / stack, outside / stack, baseline / stack)
 
 
+def test_what_a_nested_compressed_call_stores_is_kept_as_it_is():
+  """A compressed call inside another: the inner call's codes and bounds are residuals of the
+  outer one, which keeps them as they are (rounding a group's bounds again would break its
+  decoding) and says why; the outer call compresses only its own residuals."""
+  inner = jact.remat_compress(lambda x, w: jnp.tanh(x @ w), bits=8, keep_argnums=(1,), name="inner")
+  outer = jact.remat_compress(lambda x, w: jnp.sin(inner(x, w)) @ w, bits=2, keep_argnums=(1,),
+                              min_size=0, name="outer")
+  ws, x = mlp_data()
+  table = jact.residuals(lambda x, w: jnp.sum(outer(x, w)), x, ws[0])
+  nested = [r for r in table if r.kept_because == "stored by a nested compressed call"]
+  assert {r.dtype for r in nested} == {jnp.dtype(jnp.uint8), jnp.dtype(jnp.bfloat16)}, table
+  assert all(r.bits == 32 and r.name.startswith("outer/nested") for r in nested)
+  assert {r.name for r in table if r.compressed} == {"outer/sin0", "outer/cos0"}, table
+
+
 def test_divisors_are_kept():
   """A residual the backward pass divides by is kept: rounding it would bias the gradient."""
   f = jact.remat_compress(lambda x: x / jnp.sum(x * x, axis=-1, keepdims=True), bits=2, min_size=0)
