@@ -148,8 +148,11 @@ def rewrite(jaxpr, chain: Chain, index: int):
   return fused
 
 
-def eval_jaxpr(jaxpr, chains: Sequence[Chain], consts: Sequence[Any], *args) -> list[Any]:
-  """Evaluates `jaxpr` with each chain, and each max-pooling (`_pooling`), rewritten."""
+def eval_jaxpr(jaxpr, chains: Sequence[Chain], consts: Sequence[Any], *args,
+               rules: dict | None = None) -> list[Any]:
+  """Evaluates `jaxpr` with each chain, and each max-pooling (`_pooling`), rewritten; `rules`
+  maps equation indices to functions that replace them (input values -> output values)."""
+  rules = rules or {}
   env = _jaxpr.bind_inputs(jaxpr, consts, args)
   start = {c.members[0]: (k, c) for k, c in enumerate(chains)}
   replaced = {i for c in chains for i in c.members}
@@ -160,7 +163,10 @@ def eval_jaxpr(jaxpr, chains: Sequence[Chain], consts: Sequence[Any], *args) -> 
         env.write(var, value)
     if i in replaced:
       continue
-    if _pooling.applies(eqn):
+    if i in rules:
+      for var, value in zip(eqn.outvars, rules[i]([env.read(v) for v in eqn.invars])):
+        env.write(var, value)
+    elif _pooling.applies(eqn):
       env.write(eqn.outvars[0], _pooling.rewrite(eqn)(env.read(eqn.invars[0])))
     else:
       for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, [env.read(v) for v in eqn.invars])):

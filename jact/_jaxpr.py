@@ -108,27 +108,45 @@ def named(jaxpr, atom, name: str) -> bool:
   return False
 
 
-def scan_carry_positions(eqn) -> list[int]:
-  """Input positions of a scan's carry; its outputs start with the carry out, in this order."""
+def scan_positions(eqn) -> tuple[list[int], list[int], list[int]]:
+  """Input positions of a scan's constants, carry and scanned-over arrays; its outputs start
+  with the carry out, in the carry's order."""
   if "num_carry" in eqn.params:  # jax before 0.12
-    return list(range(eqn.params["num_consts"], eqn.params["num_consts"] + eqn.params["num_carry"]))
-  _, carry, _ = eqn.params["ft_in"].update(list(range(len(eqn.invars)))).unpack()
-  return list(carry)
+    consts, carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    return (list(range(consts)), list(range(consts, consts + carry)),
+            list(range(consts + carry, len(eqn.invars))))
+  return tuple(list(part) for part in eqn.params["ft_in"].update(list(range(len(eqn.invars)))).unpack())
 
 
-def _through_loop(eqn, ins: Sequence[Any], run: Callable[[list], list], join: Callable) -> list:
+def scan_carry_positions(eqn) -> list[int]:
+  return scan_positions(eqn)[1]
+
+
+def _through_loop(eqn, ins: Sequence[Any], run: Callable[[list], list], join: Callable,
+                  with_inputs: bool = False):
   """`run(ins)`: an analysis of a call-like equation's outputs from facts about its inputs. For a
   scan the carry in is joined with the carry out until that changes nothing: a later step's carry
-  holds what earlier steps computed, not only the initial value."""
+  holds what earlier steps computed, not only the initial value. With `with_inputs`, also the
+  inputs' facts so joined."""
   carry = scan_carry_positions(eqn) if eqn.primitive.name == "scan" else []
   ins = list(ins)
   while True:
     outs = run(ins)
     joined = [join(ins[k], out) for k, out in zip(carry, outs)]
     if all(ins[k] == j for k, j in zip(carry, joined)):
-      return outs
+      return (outs, ins) if with_inputs else outs
     for k, j in zip(carry, joined):
       ins[k] = j
+
+
+def scan_input_dependence(eqn, ins: Sequence[frozenset]) -> list[frozenset]:
+  """The tags of a scan's inputs as its body sees them over all steps (see `dependence`)."""
+  inner = _inner_jaxpr(eqn)
+
+  def run(ins):
+    inner_deps = dependence(inner, ins)
+    return [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
+  return _through_loop(eqn, ins, run, frozenset.union, with_inputs=True)[1]
 
 
 def _inner_jaxpr(eqn):

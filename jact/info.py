@@ -49,9 +49,10 @@ class ResidualInfo:
       from its decoded value in the backward pass (see `jact._affine`).
     extra_nbytes: for a rebuilt residual, the bytes of the small values (a mean, say) stored at
       full precision for rebuilding it.
-    stacked_by_loop: computed inside a `lax.scan` (an RNN, layers under `nn.scan`) and stacked
-      over its steps by the loop itself, at full precision, before jact can compress it: the peak
-      falls little or not at all. Compress the loop's body instead (see `jact.remat_compress`).
+    stacked_by_loop: computed inside a `lax.scan` and stacked over its steps by the loop itself,
+      at full precision, before jact can compress it: the peak falls little or not at all. jact
+      compresses such loops step by step; only a loop it leaves as it is (one with effects) keeps
+      residuals like this.
   """
   name: str
   shape: tuple[int, ...]

@@ -37,8 +37,11 @@ from jact.info import ResidualInfo
 DEFAULT_GROUP_SIZE = 256
 DEFAULT_MIN_SIZE = 4096
 # What a wrapped function's input is: a parameter (keep_argnums, closed-over values), an array of
-# integers or booleans that is not differentiated (indices, masks), or a compressible activation.
-_KEEP, _INDEX, _COMPRESSIBLE = "keep", "index", "compressible"
+# integers or booleans that is not differentiated (indices, masks), or a compressible activation;
+# in a loop's body compressed on its own, also a float that carries no gradient (a graph's edge
+# weights): "fixed".
+_KEEP, _INDEX, _COMPRESSIBLE, _FIXED = "keep", "index", "compressible", "fixed"
+_NOT_DIFFERENTIATED = (_INDEX, _FIXED)
 
 
 def _kind(leaf: Any, kept: bool) -> str:
@@ -136,8 +139,11 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
                 scope: str, config: _Config) -> _Plan:
   vjp_tree = []
 
+  fixed = [k == _FIXED for k in kinds]
+
   def forward_with_residuals(*xs):
-    outs, vjp_fn = jax.vjp(pure, *xs)
+    no_gradient = lambda *xs: pure(*[jax.lax.stop_gradient(x) if f else x for x, f in zip(xs, fixed)])
+    outs, vjp_fn = jax.vjp(no_gradient if any(fixed) else pure, *xs)
     leaves, tree = jax.tree.flatten(vjp_fn)
     vjp_tree.append(tree)
     return outs, leaves
@@ -161,7 +167,7 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
       # keep them alive), a value of index inputs that would keep more of their bytes alive than
       # it has, and work with effects (dead-code elimination keeps it; rebuilding would repeat it).
       index_bytes = sum(info_lib.aval_nbytes(fwd.jaxpr.invars[i].aval) for i in inputs
-                        if kinds[i] == _INDEX and i not in alive)
+                        if kinds[i] in _NOT_DIFFERENTIATED and i not in alive)
       if (any(kinds[i] == _COMPRESSIBLE for i in inputs) or index_bytes > r.info.nbytes
           or any(eqn.effects for eqn in pruned.eqns)):
         residuals[k] = dataclasses.replace(r, info=dataclasses.replace(r.info, recomputed=False))
@@ -170,22 +176,80 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
       alive.update(inputs)
       residuals[k] = dataclasses.replace(r, recompute=recompute)
   operands = _store_affine_relatives_once(fwd.jaxpr, residuals)
-  _warn_of_loop_stacks(scope, [r.info for r in residuals])
   return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands)
 
 
-def _warn_of_loop_stacks(scope: str, infos: Sequence[ResidualInfo]) -> None:
-  stacked = [r for r in infos if r.stacked_by_loop and r.compressed and not r.recomputed]
+def _stacked_by_loops(infos: Sequence[ResidualInfo]) -> list[ResidualInfo]:
+  return [r for r in infos if r.stacked_by_loop and r.compressed and not r.recomputed]
+
+
+def _warn_of_loop_stacks(scope: str, stacked: Sequence[ResidualInfo]) -> None:
   if stacked:
     warnings.warn(
         f"{scope}: {len(stacked)} residuals ({info_lib.format_bytes(sum(r.nbytes for r in stacked))}) are "
-        f"stacked over the steps of a lax.scan inside the compressed function "
-        f"({', '.join(r.name for r in stacked[:3])}{', ...' if len(stacked) > 3 else ''}). The loop builds "
-        "each stack at full precision before jact can compress it, so the peak falls little or not at "
-        "all. "
-        "Compress the loop's body instead: jact.compressed on the module that nn.scan or nn.RNN "
-        "repeats (the cell, the layer), or jact.remat_compress on the function passed to lax.scan.",
+        f"stacked over the steps of a lax.scan at full precision before they are compressed "
+        f"({', '.join(r.name for r in stacked[:3])}{', ...' if len(stacked) > 3 else ''}), so the peak "
+        "falls little or not at all. jact compresses a loop step by step unless its body has effects "
+        "(a callback) or the policy gives the body's own residuals no width (a policy calibrated by "
+        "name sees only the stacked ones); jact.compressed on the module that nn.scan or nn.RNN "
+        "repeats, or jact.remat_compress on the function passed to lax.scan, then compresses the body.",
         stacklevel=2)
+
+
+def _loop_rules(fun_jaxpr, kinds: Sequence[str], scope: str, config: _Config) -> dict[int, Callable]:
+  """For each `lax.scan` of `fun_jaxpr` that activations flow through: a function that runs it
+  with its body compressed on its own (equation index -> input values -> output values)."""
+  if not any(eqn.primitive.name == "scan" for eqn in fun_jaxpr.eqns):
+    return {}
+  deps = _jaxpr.dependence(fun_jaxpr, [frozenset({k}) for k in kinds])
+  rules = {}
+  for i, eqn in enumerate(fun_jaxpr.eqns):
+    if eqn.primitive.name == "scan" and not eqn.effects:
+      tags = _jaxpr.scan_input_dependence(
+          eqn, [frozenset() if _jaxpr.is_literal(v) else deps.get(v, frozenset()) for v in eqn.invars])
+      if any(_COMPRESSIBLE in t for t in tags):
+        rules[i] = _loop_with_compressed_body(eqn, tags, f"{scope}/loop{len(rules)}", config)
+  return rules
+
+
+def _loop_with_compressed_body(eqn, tags: Sequence[frozenset], scope: str, config: _Config) -> Callable:
+  """Runs a scan as `lax.scan` over its body wrapped like a compressed call: each step quantises
+  its own residuals, so the loop stacks codes, not full-precision values.
+
+  The body's inputs: the loop's constants are kept (parameters, or activations that the enclosing
+  call stores itself); carry and scanned-over arrays are compressible when an activation flows
+  into them, parameters when only parameters do (layers under `nn.scan`), index inputs when they
+  are integers, and otherwise floats that carry no gradient (a graph's edge weights), which the
+  body is not differentiated by -- else it would store what their gradient needs. Each step's
+  rounding seed is a hash of the step number.
+  """
+  closed = eqn.params["jaxpr"]
+  consts, carry, xs = _jaxpr.scan_positions(eqn)
+  kinds = []
+  for k, (var, t) in enumerate(zip(eqn.invars, tags)):
+    floating = jnp.issubdtype(var.aval.dtype, jnp.inexact)
+    kinds.append(_KEEP if k in consts else _INDEX if not floating else _COMPRESSIBLE if _COMPRESSIBLE in t
+                 else _KEEP if _KEEP in t else _FIXED)
+  labels = [f"closure{j}" for j in range(len(closed.consts))] + [f"in{k}" for k in range(len(eqn.invars))]
+  traced = _traced_for(closed.jaxpr, len(closed.consts), [_KEEP] * len(closed.consts) + kinds, labels,
+                       scope, config)
+
+  def run(invals: list[Any]) -> list[Any]:
+    def step(carried, sliced):
+      index, sliced = sliced
+      inputs = list(invals)
+      for k, value in zip(carry + xs, list(carried) + list(sliced)):
+        inputs[k] = value
+      outs = traced.call(hashing.fmix32(index ^ np.uint32(0x632BE5AB)), list(closed.consts) + inputs)
+      return outs[:len(carry)], outs[len(carry):]
+
+    steps = jnp.arange(eqn.params["length"], dtype=jnp.uint32)
+    carried, stacked = jax.lax.scan(step, [invals[k] for k in carry], (steps, [invals[k] for k in xs]),
+                                    length=eqn.params["length"], reverse=eqn.params["reverse"],
+                                    unroll=eqn.params["unroll"])
+    return list(carried) + list(stacked)
+
+  return run
 
 
 def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any, ...]:
@@ -272,7 +336,8 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     elif atom in invar_index:
       i = invar_index[atom]
       is_argument, label = True, labels[i]
-      source = info_lib.PARAMETER if kinds[i] == _KEEP else info_lib.INPUT
+      source = (info_lib.PARAMETER if kinds[i] == _KEEP else info_lib.INDEX if kinds[i] in _NOT_DIFFERENTIATED
+                else info_lib.INPUT)
     else:
       eqn = producers.get(atom)
       primitive = eqn.primitive.name if eqn is not None else None
@@ -289,7 +354,8 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       counters[path] = count + 1
       label = f"{path}{count}"
       tags = deps.get(atom, frozenset())
-      source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags else info_lib.INDEX if _INDEX in tags
+      source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags
+                else info_lib.INDEX if tags & set(_NOT_DIFFERENTIATED)
                 else info_lib.PARAMETER if tags else info_lib.CONSTANT)
     values = None if _jaxpr.is_literal(atom) else value_sets.get(atom)
     producer = None if _jaxpr.is_literal(atom) else producers.get(atom)
@@ -571,16 +637,36 @@ class _Traced:
   def __init__(self, fun_jaxpr, num_consts: int, kinds, labels, scope: str, config: _Config):
     self.plans: dict[tuple, _Plan] = {}
     chains = _chains.find_chains(fun_jaxpr)
+    # Loops whose residuals the loop itself would stack at full precision run with their body
+    # compressed on its own (see _loop_with_compressed_body), once a plan has found such residuals.
+    self.loop_rules: dict[int, Callable] = {}
+    loop_rules = _loop_rules(fun_jaxpr, kinds, scope, config)
 
     def pure(*inputs):
-      return _chains.eval_jaxpr(fun_jaxpr, chains, inputs[:num_consts], *inputs[num_consts:])
+      rules = self.loop_rules if _context.current().probe is None else {}
+      return _chains.eval_jaxpr(fun_jaxpr, chains, inputs[:num_consts], *inputs[num_consts:], rules=rules)
 
     def plan_for(inputs) -> _Plan:
-      key = tuple(jax.typeof(x) for x in inputs)
+      # (While calibrate probes, loops run as they are: it perturbs the stacked residuals.)
+      probing = _context.current().probe is not None
+      key = (tuple(jax.typeof(x) for x in inputs), probing)
       if key not in self.plans:
         # Compressed calls nested in this one are traced here only to find this call's residuals.
         with _context.collecting_nothing():
-          self.plans[key] = _build_plan(pure, inputs, kinds, labels, scope, config)
+          plan = _build_plan(pure, inputs, kinds, labels, scope, config)
+          if not probing and loop_rules and not self.loop_rules and _stacked_by_loops(plan.infos):
+            self.loop_rules = loop_rules
+            rewritten = _build_plan(pure, inputs, kinds, labels, scope, config)
+            if _stacked_by_loops(rewritten.infos):
+              # The bodies compressed nothing (a policy that names the residuals as the loop
+              # stacks them, as a calibrated one does): the loops run as they are.
+              self.loop_rules = {}
+            else:
+              self.plans = {k: p for k, p in self.plans.items() if k[1]}  # traced without them
+              plan = rewritten
+        if not probing:
+          _warn_of_loop_stacks(scope, _stacked_by_loops(plan.infos))
+        self.plans[key] = plan
       return self.plans[key]
 
     @jax.custom_vjp
@@ -593,8 +679,14 @@ class _Traced:
       outs, stored = plan.rule("forward", config)(seed, list(inputs))
       if regions is not None:
         regions.append(info_lib.ResidualTable(plan.infos))
-      # Marked, so that an enclosing compressed call keeps them as they are (see _classify).
-      stored = jax.tree.map(lambda a: checkpoint_name(a, STORED_MARK), stored)
+      # What the forward rule made is marked, so that an enclosing compressed call keeps it as it
+      # is (see _classify). Inputs stored as they are stay unmarked: marked, they would no longer
+      # be seen as inputs, and a scan would stack copies of them instead of forwarding them.
+      # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
+      by_reference = set() if regions is not None else (
+          set(plan.stored_inputs) | set(range(len(plan.residuals) + len(plan.rebuild_operands), len(stored))))
+      stored = [a if k in by_reference else jax.tree.map(lambda x: checkpoint_name(x, STORED_MARK), a)
+                for k, a in enumerate(stored)]
       return outs, _Stored(stored, plan)
 
     def core_bwd(res, cts):
@@ -772,10 +864,11 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   forward starts from the decoded inputs, so its gradient is the gradient at a point within the
   codec's error of the input: not unbiased, as the default mode is.
 
-  Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. Wrap a loop's body rather
-  than the loop: the residuals of a `lax.scan` inside `fun` are stacked over the steps by the loop
-  at full precision before they can be compressed (jact warns). Forward-mode differentiation
-  (`jvp`, `jacfwd`, `hessian`) is not supported and raises a TypeError.
+  Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. A `lax.scan` inside `fun`
+  whose residuals would be compressed runs with its body compressed on its own, so that each step
+  quantises its residuals (the loop would otherwise stack them at full precision first).
+  Forward-mode differentiation (`jvp`, `jacfwd`, `hessian`) is not supported and raises a
+  TypeError.
 
   Args:
     fun: the function to wrap; its arguments and outputs may be pytrees of arrays.
