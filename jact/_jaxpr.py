@@ -7,6 +7,7 @@ last forward use and each dequantisation right before its first backward use.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Callable, Sequence
 
@@ -80,10 +81,7 @@ def dependence(jaxpr, invar_tags: Sequence[frozenset]) -> dict[Var, frozenset]:
     ins = [frozenset() if is_literal(v) else deps.get(v, frozenset()) for v in eqn.invars]
     inner = _inner_jaxpr(eqn)
     if inner is not None:
-      def run(ins, inner=inner):
-        inner_deps = dependence(inner, ins)
-        return [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
-      outs = _through_loop(eqn, ins, run, frozenset.union)
+      outs = _through_loop(eqn, ins, functools.partial(_output_dependence, inner), frozenset.union)
     else:
       outs = [frozenset().union(*ins)] * len(eqn.outvars)
     for v, tags in zip(eqn.outvars, outs):
@@ -91,12 +89,18 @@ def dependence(jaxpr, invar_tags: Sequence[frozenset]) -> dict[Var, frozenset]:
   return deps
 
 
-def named(jaxpr, atom, name: str) -> bool:
+def _output_dependence(inner, ins: Sequence[frozenset]) -> list[frozenset]:
+  inner_deps = dependence(inner, ins)
+  return [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
+
+
+def named(jaxpr, atom, name: str, producer_of: dict | None = None) -> bool:
   """Whether `atom` is a value marked `checkpoint_name(value, name)`, looking through calls and
-  loops whose outputs correspond to their jaxpr's outputs one to one."""
+  loops whose outputs correspond to their jaxpr's outputs one to one. (`producer_of`: `jaxpr`'s
+  `producers`, when the caller has them.)"""
   if is_literal(atom):
     return False
-  eqn = producers(jaxpr).get(atom)
+  eqn = (producers(jaxpr) if producer_of is None else producer_of).get(atom)
   if eqn is None:
     return False
   if eqn.primitive.name == "name":
@@ -141,11 +145,7 @@ def _through_loop(eqn, ins: Sequence[Any], run: Callable[[list], list], join: Ca
 
 def scan_input_dependence(eqn, ins: Sequence[frozenset]) -> list[frozenset]:
   """The tags of a scan's inputs as its body sees them over all steps (see `dependence`)."""
-  inner = _inner_jaxpr(eqn)
-
-  def run(ins):
-    inner_deps = dependence(inner, ins)
-    return [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
+  run = functools.partial(_output_dependence, _inner_jaxpr(eqn))
   return _through_loop(eqn, ins, run, frozenset.union, with_inputs=True)[1]
 
 

@@ -41,7 +41,7 @@ DEFAULT_MIN_SIZE = 4096
 # in a loop's body compressed on its own, also a float that carries no gradient (a graph's edge
 # weights): "fixed".
 _KEEP, _INDEX, _COMPRESSIBLE, _FIXED = "keep", "index", "compressible", "fixed"
-_NOT_DIFFERENTIATED = (_INDEX, _FIXED)
+_NOT_DIFFERENTIATED = frozenset({_INDEX, _FIXED})
 
 
 def _kind(leaf: Any, kept: bool) -> str:
@@ -143,7 +143,7 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
 
   def forward_with_residuals(*xs):
     no_gradient = lambda *xs: pure(*[jax.lax.stop_gradient(x) if f else x for x, f in zip(xs, fixed)])
-    outs, vjp_fn = jax.vjp(no_gradient if any(fixed) else pure, *xs)
+    outs, vjp_fn = jax.vjp(no_gradient, *xs)
     leaves, tree = jax.tree.flatten(vjp_fn)
     vjp_tree.append(tree)
     return outs, leaves
@@ -267,7 +267,7 @@ def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any
       needed = [v for v in _affine.small_operands(jaxpr, [p for p in (representative, paths[uid]) if p])
                 if v not in operands]
       operands.extend(needed)
-      extra = sum(int(np.prod(v.aval.shape)) * info_lib.itemsize(v.aval.dtype) for v in needed)
+      extra = sum(info_lib.aval_nbytes(v.aval) for v in needed)
       info = dataclasses.replace(residuals[uid].info, bits=bits, extra_nbytes=extra,
                                  rebuilt_from="small values" if rep is None else residuals[rep].info.name)
       residuals[uid] = dataclasses.replace(residuals[uid], info=info, rebuild=(rep, representative, paths[uid]))
@@ -330,7 +330,8 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       continue
     aval = atom.aval
     primitive, is_argument = None, False
-    nested = _jaxpr.named(jaxpr, atom, STORED_MARK)
+    producer = None if _jaxpr.is_literal(atom) else producers.get(atom)
+    nested = _jaxpr.named(jaxpr, atom, STORED_MARK, producers)
     if _jaxpr.is_literal(atom):
       source, label = info_lib.CONSTANT, "literal"
     elif atom in invar_index:
@@ -339,9 +340,8 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       source = (info_lib.PARAMETER if kinds[i] == _KEEP else info_lib.INDEX if kinds[i] in _NOT_DIFFERENTIATED
                 else info_lib.INPUT)
     else:
-      eqn = producers.get(atom)
-      primitive = eqn.primitive.name if eqn is not None else None
-      scopes = _jaxpr.scope_names(eqn) if eqn is not None else []
+      primitive = producer.primitive.name if producer is not None else None
+      scopes = _jaxpr.scope_names(producer) if producer is not None else []
       chain = [name for name in scopes if _chains.is_chain_scope(name)]
       inner = [name for name in scopes if not _chains.is_chain_scope(name)]
       if inner and inner[0] == scope.rsplit("/", 1)[-1]:  # Flax re-enters the module's own scope
@@ -355,10 +355,9 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
       label = f"{path}{count}"
       tags = deps.get(atom, frozenset())
       source = (info_lib.ACTIVATION if _COMPRESSIBLE in tags
-                else info_lib.INDEX if tags & set(_NOT_DIFFERENTIATED)
+                else info_lib.INDEX if tags & _NOT_DIFFERENTIATED
                 else info_lib.PARAMETER if tags else info_lib.CONSTANT)
     values = None if _jaxpr.is_literal(atom) else value_sets.get(atom)
-    producer = None if _jaxpr.is_literal(atom) else producers.get(atom)
     stacked = (producer is not None and producer.primitive.name == "scan"
                and producer.outvars.index(atom) >= len(_jaxpr.scan_carry_positions(producer)))
     info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
