@@ -51,8 +51,9 @@ class ResidualInfo:
       full precision for rebuilding it.
     stacked_by_loop: computed inside a `lax.scan` and stacked over its steps by the loop itself,
       at full precision, before jact can compress it: the peak falls little or not at all. jact
-      compresses such loops step by step; only a loop it leaves as it is (one with effects) keeps
-      residuals like this.
+      compresses such loops step by step; only a loop it leaves as it is (one with effects, or
+      whose body keeps every residual) keeps compressed residuals like this. (While
+      `jact.calibrate` probes, loops run as they are and their stacked residuals are probed.)
   """
   name: str
   shape: tuple[int, ...]

@@ -190,15 +190,27 @@ def _warn_of_loop_stacks(scope: str, stacked: Sequence[ResidualInfo]) -> None:
         f"stacked over the steps of a lax.scan at full precision before they are compressed "
         f"({', '.join(r.name for r in stacked[:3])}{', ...' if len(stacked) > 3 else ''}), so the peak "
         "falls little or not at all. jact compresses a loop step by step unless its body has effects "
-        "(a callback) or the policy gives the body's own residuals no width (a policy calibrated by "
-        "name sees only the stacked ones); jact.compressed on the module that nn.scan or nn.RNN "
-        "repeats, or jact.remat_compress on the function passed to lax.scan, then compresses the body.",
+        "(a callback) or keeps every residual (all below min_size, or nonlinear in the backward "
+        "pass); jact.compressed on the module that nn.scan or nn.RNN repeats, or "
+        "jact.remat_compress on the function passed to lax.scan, then compresses the body.",
         stacklevel=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopBodyWidth:
+  """The policy of a loop body whose enclosing policy names only the residuals as the loop would
+  stack them (one from jact.calibrate): `width` for what that policy keeps at full precision."""
+  policy: Any
+  width: int
+
+  def __call__(self, info: ResidualInfo) -> int:
+    bits = codec.check_bits(self.policy(info))
+    return self.width if bits == 32 else bits
 
 
 def _loop_rules(fun_jaxpr, kinds: Sequence[str], scope: str, config: _Config) -> dict[int, Callable]:
   """For each `lax.scan` of `fun_jaxpr` that activations flow through: a function that runs it
-  with its body compressed on its own (equation index -> input values -> output values)."""
+  with its body compressed on its own (equation index -> (seed, input values) -> output values)."""
   if not any(eqn.primitive.name == "scan" for eqn in fun_jaxpr.eqns):
     return {}
   deps = _jaxpr.dependence(fun_jaxpr, [frozenset({k}) for k in kinds])
@@ -221,7 +233,7 @@ def _loop_with_compressed_body(eqn, tags: Sequence[frozenset], scope: str, confi
   into them, parameters when only parameters do (layers under `nn.scan`), index inputs when they
   are integers, and otherwise floats that carry no gradient (a graph's edge weights), which the
   body is not differentiated by -- else it would store what their gradient needs. Each step's
-  rounding seed is a hash of the step number.
+  rounding seed is a hash of the step number and the enclosing call's seed.
   """
   closed = eqn.params["jaxpr"]
   consts, carry, xs = _jaxpr.scan_positions(eqn)
@@ -234,13 +246,15 @@ def _loop_with_compressed_body(eqn, tags: Sequence[frozenset], scope: str, confi
   traced = _traced_for(closed.jaxpr, len(closed.consts), [_KEEP] * len(closed.consts) + kinds, labels,
                        scope, config)
 
-  def run(invals: list[Any]) -> list[Any]:
+  def run(seed: jax.Array, invals: list[Any]) -> list[Any]:
+    loop_seed = hashing.fmix32(seed ^ np.uint32(0x632BE5AB))
+
     def step(carried, sliced):
       index, sliced = sliced
       inputs = list(invals)
       for k, value in zip(carry + xs, list(carried) + list(sliced)):
         inputs[k] = value
-      outs = traced.call(hashing.fmix32(index ^ np.uint32(0x632BE5AB)), list(closed.consts) + inputs)
+      outs = traced.call(hashing.fmix32(index ^ loop_seed), list(closed.consts) + inputs)
       return outs[:len(carry)], outs[len(carry):]
 
     steps = jnp.arange(eqn.params["length"], dtype=jnp.uint32)
@@ -640,10 +654,26 @@ class _Traced:
     # compressed on its own (see _loop_with_compressed_body), once a plan has found such residuals.
     self.loop_rules: dict[int, Callable] = {}
     loop_rules = _loop_rules(fun_jaxpr, kinds, scope, config)
+    # A function with such loops takes the call's seed as its first input, for the loops' bodies:
+    # without it, calls with different `rng`s would round the bodies' residuals alike.
+    self.takes_seed = bool(loop_rules)
+    own_kinds = kinds
+    if self.takes_seed:
+      kinds, labels = [_INDEX, *kinds], ["seed", *labels]
 
     def pure(*inputs):
-      rules = self.loop_rules if _context.current().probe is None else {}
+      seed, inputs = (inputs[0], inputs[1:]) if self.takes_seed else (None, inputs)
+      rules = {} if _context.current().probe is not None else {
+          i: functools.partial(rule, seed) for i, rule in self.loop_rules.items()}
       return _chains.eval_jaxpr(fun_jaxpr, chains, inputs[:num_consts], *inputs[num_consts:], rules=rules)
+
+    def with_seed(seed, inputs) -> list[Any]:
+      """The inputs of `pure` and of the plans."""
+      return [seed, *inputs] if self.takes_seed else list(inputs)
+
+    def own_gradients(grads):
+      """Cotangents of the call's inputs, without the seed's."""
+      return grads[1:] if self.takes_seed else grads
 
     def plan_for(inputs) -> _Plan:
       # (While calibrate probes, loops run as they are: it perturbs the stacked residuals.)
@@ -653,12 +683,19 @@ class _Traced:
         # Compressed calls nested in this one are traced here only to find this call's residuals.
         with _context.collecting_nothing():
           plan = _build_plan(pure, inputs, kinds, labels, scope, config)
-          if not probing and loop_rules and not self.loop_rules and _stacked_by_loops(plan.infos):
+          stacked = _stacked_by_loops(plan.infos)
+          if not probing and loop_rules and not self.loop_rules and stacked:
             self.loop_rules = loop_rules
             rewritten = _build_plan(pure, inputs, kinds, labels, scope, config)
             if _stacked_by_loops(rewritten.infos):
-              # The bodies compressed nothing (a policy that names the residuals as the loop
-              # stacks them, as a calibrated one does): the loops run as they are.
+              # The bodies compressed nothing: the policy names the residuals as the loops stack
+              # them, as one from jact.calibrate does. The bodies get the finest width it chose
+              # for those.
+              width = max(r.bits for r in stacked)
+              self.loop_rules = _loop_rules(fun_jaxpr, own_kinds, scope,
+                                            dataclasses.replace(config, policy=_LoopBodyWidth(config.policy, width)))
+              rewritten = _build_plan(pure, inputs, kinds, labels, scope, config)
+            if _stacked_by_loops(rewritten.infos):  # (still: the bodies keep every residual)
               self.loop_rules = {}
             else:
               self.plans = {k: p for k, p in self.plans.items() if k[1]}  # traced without them
@@ -670,9 +707,10 @@ class _Traced:
 
     @jax.custom_vjp
     def core(seed, *inputs):
-      return pure(*inputs)
+      return pure(*with_seed(seed, inputs))
 
     def core_fwd(seed, *inputs):
+      inputs = with_seed(seed, inputs)
       plan = plan_for(inputs)
       regions = _context.current().regions
       outs, stored = plan.rule("forward", config)(seed, list(inputs))
@@ -690,17 +728,18 @@ class _Traced:
 
     def core_bwd(res, cts):
       grads = res.plan.rule("backward", config)(res.arrays, list(cts))
-      return (np.zeros((), jax.dtypes.float0), *grads)
+      return (np.zeros((), jax.dtypes.float0), *own_gradients(grads))
 
     core.defvjp(core_fwd, core_bwd)
     self.core = core
-    self.plan_for = plan_for
+    self.plan_for, self.with_seed = plan_for, with_seed
 
     @jax.custom_vjp
     def probed(seed, deltas, *inputs):
-      return pure(*inputs)
+      return pure(*with_seed(seed, inputs))
 
     def probed_fwd(seed, deltas, *inputs):
+      inputs = with_seed(seed, inputs)
       plan = plan_for(inputs)
       state = _context.current()
       probe = state.probe
@@ -717,7 +756,7 @@ class _Traced:
       perturbed = [a if d is None else a + d.astype(a.dtype) for a, d in zip(stored.arrays, deltas)]
       perturbed += stored.arrays[len(deltas):]  # the parameters kept for recomputation
       grads = _run_backward(stored.plan, config, perturbed, list(cts))
-      return (np.zeros((), jax.dtypes.float0), jax.tree.map(jnp.zeros_like, deltas), *grads)
+      return (np.zeros((), jax.dtypes.float0), jax.tree.map(jnp.zeros_like, deltas), *own_gradients(grads))
 
     probed.defvjp(probed_fwd, probed_bwd)
     self.probed = probed
@@ -727,7 +766,7 @@ class _Traced:
     if probe is None:
       return self.core(seed, *inputs)
     # Probing: the sensitivity pass perturbs residuals in the backward pass by `deltas`.
-    plan = self.plan_for(inputs)
+    plan = self.plan_for(self.with_seed(seed, inputs))
     counts = dict(probe.counts)
     deltas = []
     for r in plan.residuals:
