@@ -9,9 +9,9 @@ costs tens of milliseconds (MLIR emission plus LLVM), while the whole uncompress
 compiles in about 0.1 s. The "stripped" codec is NOT a valid codec -- an experiment only: each
 residual is written to memory first (so that all same-shaped residuals share one reduction and
 one quantisation kernel), each layer's seed is an operand rather than a constant folded into the
-kernel, the group's float32 min/max are truncated into one uint32 (no bfloat16 rounding, so the
-grid may not cover the group), there is no exact path for constant groups and the scale is a
-Newton reciprocal (no division kernel). What it compiles in bounds what rearranging the real
+kernel, the group's float32 min/max are truncated into one uint32 that the decoding reads (no bfloat16
+rounding, so the grid may not cover the group), there is no exact path for constant groups and
+the scale is a Newton reciprocal (no division kernel). What it compiles in bounds what rearranging the real
 codec's kernels could reach.
 """
 
@@ -62,19 +62,26 @@ def _stripped_quantize(x, seed, bits: int, group_size: int, rounding: str):
   index = jnp.arange(layout.num_groups * group_size, dtype=jnp.uint32).reshape(values.shape)
   noise = hashing.uniform(hashing.seed_key(seed), index, hashing.value_bits(values), np.float32)
   codes = formulas.quantize_codes(values, lo[..., None], scale[..., None], noise, levels)
-  meta16 = jax.lax.bitcast_convert_type(meta, jnp.bfloat16)  # two bfloat16 halves, as lo and hi
-  return codec._pack(codes, bits), meta16[..., 0], meta16[..., 1]
+  return codec._pack(codes, bits), meta, meta  # the one uint32 stands for both bounds
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _stripped_dequantize(payload, meta, _, shape, dtype, bits: int, group_size: int):
+  lo = jax.lax.bitcast_convert_type(meta << 16, jnp.float32)[..., None]
+  hi = jax.lax.bitcast_convert_type(meta & np.uint32(0xFFFF0000), jnp.float32)[..., None]
+  codes = codec._unpack(payload, bits).astype(jnp.float32)
+  return codec.Layout.of(shape, group_size).from_groups(formulas.decode_codes(codes, lo, hi, 2**bits - 1).astype(dtype))
 
 
 @contextlib.contextmanager
 def _codec(stripped: bool):
-  real = codec._quantize_packed
+  real = codec._quantize_packed, codec._dequantize_packed
   if stripped:
-    codec._quantize_packed = _stripped_quantize
+    codec._quantize_packed, codec._dequantize_packed = _stripped_quantize, _stripped_dequantize
   try:
     yield
   finally:
-    codec._quantize_packed = real
+    codec._quantize_packed, codec._dequantize_packed = real
 
 
 def compile_seconds(bits: int | None, depth: int) -> float:
