@@ -233,9 +233,11 @@ def _loop_with_compressed_body(eqn, tags: Sequence[frozenset], scope: str, confi
   into them, parameters when only parameters do (layers under `nn.scan`), index inputs when they
   are integers, and otherwise floats that carry no gradient (a graph's edge weights), which the
   body is not differentiated by -- else it would store what their gradient needs. Each step's
-  rounding seed is a hash of the step number and the enclosing call's seed.
+  rounding seed is a hash of the step number and the enclosing call's seed. `min_size` applies to
+  what the loop keeps of a residual, all its steps: a body's residual counts `length` times.
   """
   closed = eqn.params["jaxpr"]
+  config = dataclasses.replace(config, min_size=-(-config.min_size // max(1, eqn.params["length"])))
   consts, carry, xs = _jaxpr.scan_positions(eqn)
   kinds = []
   for k, (var, t) in enumerate(zip(eqn.invars, tags)):
@@ -915,7 +917,8 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
     keep_argnums: positional arguments never compressed (parameters).
     static_argnums: positional arguments that are not arrays (flags, modules), passed as they are.
     group_size: elements sharing one scale; a positive multiple of 64.
-    min_size: residuals with fewer elements are kept as they are.
+    min_size: residuals with fewer elements are kept as they are (in a loop compressed step by
+      step, a body's residual counts with all the steps the loop keeps it for).
     rounding: "stochastic" (unbiased) or "nearest".
     kernel: the codec's implementation: "auto" (fused Pallas kernels on GPU, jax.numpy elsewhere),
       "pallas" or "xla"; see `jact.quantize`.

@@ -405,6 +405,23 @@ def test_a_loop_in_a_compressed_function_is_compressed_step_by_step():
   assert not [r for r in table if r.shape == xs.shape and r.stored_nbytes == r.nbytes], table
 
 
+def test_a_loop_of_small_steps_is_compressed_step_by_step():
+  """min_size applies to what a loop keeps of a residual, all its steps: an RNN whose per-step
+  residuals (16 x 128 = 2048 values) are below the default min_size of 4096, but which keeps them
+  over 512 steps, is compressed step by step and needs two stacks less than uncompressed
+  (measured: 1.20 against 4.00 stacks; with min_size per step, 3.07 and a warning)."""
+  import warnings
+
+  xs = jax.ShapeDtypeStruct((512, 16, 128), jnp.float32)
+  w = jax.ShapeDtypeStruct((128, 128), jnp.float32)
+  temp = lambda f: jact.memory.compiled(jax.grad(f, argnums=(0, 1)), xs, w).temp
+  stack = 512 * 16 * 128 * 4  # one stacked residual at full precision
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    outside = temp(jact.remat_compress(_rnn(_cell), bits=2, keep_argnums=(1,)))
+  assert outside <= temp(_rnn(_cell)) - 2 * stack, (outside / stack, temp(_rnn(_cell)) / stack)
+
+
 def test_a_loop_compressed_step_by_step_is_unbiased_over_rngs():
   """The `rng` of the call reaches the loop's body: the mean of K gradients over different rngs
   approaches the exact one like 1/sqrt(K), as for a function without a loop. (With each step's
