@@ -54,6 +54,8 @@ class ResidualInfo:
       compresses such loops step by step; only a loop it leaves as it is (one with effects, or
       whose body keeps every residual) keeps compressed residuals like this. (While
       `jact.calibrate` probes, loops run as they are and their stacked residuals are probed.)
+    loop_steps: for a residual of a loop's body compressed step by step, the loop's steps: its
+      shape leads with them, and it is quantised step by step (0 elsewhere).
   """
   name: str
   shape: tuple[int, ...]
@@ -69,6 +71,7 @@ class ResidualInfo:
   rebuilt_from: str = ""
   extra_nbytes: int = 0
   stacked_by_loop: bool = False
+  loop_steps: int = 0
 
   @property
   def size(self) -> int:
@@ -82,6 +85,8 @@ class ResidualInfo:
   @property
   def stored_nbytes(self) -> int:
     """Bytes jact stores for it at `bits` (payload plus per-group metadata)."""
+    if self.loop_steps:  # quantised step by step
+      return self.loop_steps * dataclasses.replace(self, shape=self.shape[1:], loop_steps=0).stored_nbytes
     if self.recomputed:
       return 0
     if self.rebuilt_from:
@@ -125,6 +130,8 @@ def _how_stored(r: ResidualInfo) -> str:
     return f" ({r.kept_because})"
   if r.stacked_by_loop and r.compressed:
     return " (stacked by a loop)"
+  if r.loop_steps:
+    return f" (in a loop, {r.loop_steps} steps)"
   return " (two values: exact)" if r.two_valued and r.compressed else ""
 
 

@@ -95,6 +95,7 @@ class _Plan:
   recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters, index inputs) recomputing reads
   rebuild_operands: tuple[Any, ...] = ()  # small forward values that rebuilding needs, stored as they are
   _rules: dict = dataclasses.field(default_factory=dict)
+  table: list[ResidualInfo] | None = None  # what jact.residuals lists, when not `infos` (loop bodies)
 
   @property
   def infos(self) -> list[ResidualInfo]:
@@ -265,7 +266,30 @@ def _loop_with_compressed_body(eqn, tags: Sequence[frozenset], scope: str, confi
                                     unroll=eqn.params["unroll"])
     return list(carried) + list(stacked)
 
+  run.body, run.length = traced, eqn.params["length"]  # for the residual table (_with_loop_bodies)
   return run
+
+
+NESTED = "stored by a nested compressed call"
+
+
+def _with_loop_bodies(plan: "_Plan", rules: Sequence[Callable]) -> list[ResidualInfo]:
+  """The residual table of a plan whose loops run with their bodies compressed: instead of the
+  codes that the loops stack (rows kept as "nested"), the bodies' own residuals, each stacked
+  over its loop's steps, with the width it is stored at. (Inputs a body keeps by reference are
+  the loop's, listed by the enclosing call.) Where the bytes would not add up, the plan's rows."""
+  body_rows = []
+  for rule in rules:
+    body = rule.body.last_plan
+    if body is None:
+      return plan.infos
+    by_reference = set(body.stored_inputs)
+    body_rows += [dataclasses.replace(r.info, shape=(rule.length, *r.info.shape), loop_steps=rule.length)
+                  for uid, r in enumerate(body.residuals) if uid not in by_reference]
+  stacked = [r for r in plan.infos if r.stacked_by_loop and r.kept_because == NESTED]
+  if sum(r.stored_nbytes for r in stacked) != sum(r.stored_nbytes for r in body_rows):
+    return plan.infos
+  return [r for r in plan.infos if not (r.stacked_by_loop and r.kept_because == NESTED)] + body_rows
 
 
 def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any, ...]:
@@ -386,7 +410,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     if nested and source not in info_lib.RECOMPUTABLE:
       # Stored by a compressed call nested in this one: its codes and bounds are kept as they are
       # (rounding a group's bounds would break its decoding).
-      info = dataclasses.replace(info, bits=32, kept_because="stored by a nested compressed call")
+      info = dataclasses.replace(info, bits=32, kept_because=NESTED)
     if _jaxpr.is_literal(atom):
       ready = -1
     else:
@@ -677,6 +701,8 @@ class _Traced:
       """Cotangents of the call's inputs, without the seed's."""
       return grads[1:] if self.takes_seed else grads
 
+    self.last_plan: _Plan | None = None  # the last one built or served outside calibration
+
     def plan_for(inputs) -> _Plan:
       # (While calibrate probes, loops run as they are: it perturbs the stacked residuals.)
       probing = _context.current().probe is not None
@@ -704,7 +730,11 @@ class _Traced:
               plan = rewritten
         if not probing:
           _warn_of_loop_stacks(scope, _stacked_by_loops(plan.infos))
+          if self.loop_rules:
+            plan.table = _with_loop_bodies(plan, list(self.loop_rules.values()))
         self.plans[key] = plan
+      if not probing:
+        self.last_plan = self.plans[key]
       return self.plans[key]
 
     @jax.custom_vjp
@@ -717,7 +747,7 @@ class _Traced:
       regions = _context.current().regions
       outs, stored = plan.rule("forward", config)(seed, list(inputs))
       if regions is not None:
-        regions.append(info_lib.ResidualTable(plan.infos))
+        regions.append(info_lib.ResidualTable(plan.infos if plan.table is None else plan.table))
       # What the forward rule made is marked, so that an enclosing compressed call keeps it as it
       # is (see _classify). Inputs stored as they are stay unmarked: marked, they would no longer
       # be seen as inputs, and a scan would stack copies of them instead of forwarding them.

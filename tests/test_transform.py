@@ -403,6 +403,11 @@ def test_a_loop_in_a_compressed_function_is_compressed_step_by_step():
   assert rel_err(grad(jact.remat_compress(_rnn(_cell), bits=8, keep_argnums=(1,))), exact) < 0.03
   table = jact.residuals(jact.remat_compress(_rnn(_cell), bits=2, keep_argnums=(1,)), xs, w)
   assert not [r for r in table if r.shape == xs.shape and r.stored_nbytes == r.nbytes], table
+  # The table lists the body's residuals over the steps (its state and tanh's derivative), not the
+  # codes the loop stacks; their bytes add up to those codes' (else the codes would be listed).
+  in_loop = [r for r in table if r.loop_steps]
+  assert [(r.shape, r.bits, r.loop_steps) for r in in_loop] == [(xs.shape, 2, 16)] * 2, table
+  assert not [r for r in table if r.kept_because == "stored by a nested compressed call"], table
 
 
 def test_a_loop_of_small_steps_is_compressed_step_by_step():
@@ -460,9 +465,9 @@ def test_a_calibrated_policy_compresses_a_loop_step_by_step():
     assert len(stacked) == 2, policy  # the RNN's states and tanh derivatives, stacked over the steps
     table = jact.residuals(f(policy), xs, w)
   assert not [r for r in table if r.stacked_by_loop and r.compressed], table
-  codes = [r for r in table if r.kept_because == "stored by a nested compressed call" and r.dtype == jnp.uint8]
-  width = max(r.bits for r in stacked)
-  assert sum(r.nbytes for r in codes) == sum(math.prod(s) for r in stacked for s in r.shapes) * width // 8, table
+  in_loop = [r for r in table if r.loop_steps]  # the body's residuals, each over the 8 steps
+  assert {r.bits for r in in_loop} == {max(r.bits for r in stacked)}, table
+  assert sum(r.size for r in in_loop) == sum(math.prod(s) for r in stacked for s in r.shapes), table
 
 
 def test_a_loop_with_effects_is_left_as_it_is_and_jact_says_so():
