@@ -94,22 +94,27 @@ def _output_dependence(inner, ins: Sequence[frozenset]) -> list[frozenset]:
   return [frozenset() if is_literal(v) else inner_deps.get(v, frozenset()) for v in inner.outvars]
 
 
-def named(jaxpr, atom, name: str, producer_of: dict | None = None) -> bool:
-  """Whether `atom` is a value marked `checkpoint_name(value, name)`, looking through calls and
-  loops whose outputs correspond to their jaxpr's outputs one to one. (`producer_of`: `jaxpr`'s
-  `producers`, when the caller has them.)"""
+def mark(jaxpr, atom, producer_of: dict | None = None) -> str | None:
+  """The name `atom` is marked with by `checkpoint_name(value, name)`, if any, looking through
+  calls and loops whose outputs correspond to their jaxpr's outputs one to one. (`producer_of`:
+  `jaxpr`'s `producers`, when the caller has them.)"""
   if is_literal(atom):
-    return False
+    return None
   eqn = (producers(jaxpr) if producer_of is None else producer_of).get(atom)
   if eqn is None:
-    return False
+    return None
   if eqn.primitive.name == "name":
-    return eqn.params.get("name") == name
+    return eqn.params.get("name")
   for value in eqn.params.values():
     inner = getattr(value, "jaxpr", value)
     if hasattr(inner, "outvars") and len(inner.outvars) == len(eqn.outvars):
-      return named(inner, inner.outvars[eqn.outvars.index(atom)], name)
-  return False
+      return mark(inner, inner.outvars[eqn.outvars.index(atom)])
+  return None
+
+
+def named(jaxpr, atom, name: str, producer_of: dict | None = None) -> bool:
+  """Whether `atom` is a value marked `checkpoint_name(value, name)` (see `mark`)."""
+  return mark(jaxpr, atom, producer_of) == name
 
 
 def scan_positions(eqn) -> tuple[list[int], list[int], list[int]]:

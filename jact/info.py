@@ -52,8 +52,7 @@ class ResidualInfo:
     stacked_by_loop: computed inside a `lax.scan` and stacked over its steps by the loop itself,
       at full precision, before jact can compress it: the peak falls little or not at all. jact
       compresses such loops step by step; only a loop it leaves as it is (one with effects, or
-      whose body keeps every residual) keeps compressed residuals like this. (While
-      `jact.calibrate` probes, loops run as they are and their stacked residuals are probed.)
+      whose body keeps every residual) keeps compressed residuals like this.
     loop_steps: for a residual of a loop's body compressed step by step, the loop's steps: its
       shape leads with them, and it is quantised step by step (0 elsewhere).
   """

@@ -417,6 +417,10 @@ def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budg
   (any width; residuals are kept exact here). With calls at 32 bits every residual is priced at
   its own width, and the calibrated policy then stores less than its budget.
 
+  A `lax.scan` inside a compressed call (an RNN, layers under `nn.scan`) is probed with its body's
+  residuals stacked over the steps and named as the body names them (`Model/loop0/tanh0`): each
+  gets one width, which the loop's body then uses at every step.
+
   Nothing global changes: no RNG state, no model state (a `loss_fn` that returns updated
   BatchNorm statistics as aux has them discarded), and the compressed calls keep their own
   policies outside this function. Apply the result with `bits=policy` or `jact.use_policy(policy)`.

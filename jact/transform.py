@@ -184,6 +184,18 @@ def _stacked_by_loops(infos: Sequence[ResidualInfo]) -> list[ResidualInfo]:
   return [r for r in infos if r.stacked_by_loop and r.compressed and not r.recomputed]
 
 
+def _stacked_activations(infos: Sequence[ResidualInfo]) -> list[ResidualInfo]:
+  """Activations a loop stacks that jact would compress under some width."""
+  return [r for r in infos if r.stacked_by_loop and not r.recomputed and r.kept_because == ""
+          and r.source in (info_lib.ACTIVATION, info_lib.INPUT)]
+
+
+def _bodies_compress(rules: dict) -> bool:
+  """Whether the loop bodies of `rules`, as last traced, compress any residual."""
+  return any(rule.body.last_plan is not None and any(r.compressed for r in rule.body.last_plan.infos)
+             for rule in rules.values())
+
+
 def _warn_of_loop_stacks(scope: str, stacked: Sequence[ResidualInfo]) -> None:
   if stacked:
     warnings.warn(
@@ -200,7 +212,7 @@ def _warn_of_loop_stacks(scope: str, stacked: Sequence[ResidualInfo]) -> None:
 @dataclasses.dataclass(frozen=True)
 class _LoopBodyWidth:
   """The policy of a loop body whose enclosing policy names only the residuals as the loop would
-  stack them (one from jact.calibrate): `width` for what that policy keeps at full precision."""
+  stack them (`<scope>/scan0`): `width` for what that policy keeps at full precision."""
   policy: Any
   width: int
 
@@ -257,7 +269,8 @@ def _loop_with_compressed_body(eqn, tags: Sequence[frozenset], scope: str, confi
       inputs = list(invals)
       for k, value in zip(carry + xs, list(carried) + list(sliced)):
         inputs[k] = value
-      outs = traced.call(hashing.fmix32(index ^ loop_seed), list(closed.consts) + inputs)
+      call = traced.call if _context.current().probe is None else traced.call_exposing
+      outs = call(hashing.fmix32(index ^ loop_seed), list(closed.consts) + inputs)
       return outs[:len(carry)], outs[len(carry):]
 
     steps = jnp.arange(eqn.params["length"], dtype=jnp.uint32)
@@ -371,7 +384,10 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     aval = atom.aval
     primitive, is_argument = None, False
     producer = None if _jaxpr.is_literal(atom) else producers.get(atom)
-    nested = _jaxpr.named(jaxpr, atom, STORED_MARK, producers)
+    marked = _jaxpr.mark(jaxpr, atom, producers)
+    nested = marked == STORED_MARK
+    # While calibrate probes, a loop body's residuals come out of the loop under their own names.
+    exposed = marked[len(EXPOSED_MARK):] if marked and marked.startswith(EXPOSED_MARK) else ""
     if _jaxpr.is_literal(atom):
       source, label = info_lib.CONSTANT, "literal"
     elif atom in invar_index:
@@ -400,7 +416,7 @@ def _classify(jaxpr, num_outs: int, kinds: Sequence[str], labels: Sequence[str],
     values = None if _jaxpr.is_literal(atom) else value_sets.get(atom)
     stacked = (producer is not None and producer.primitive.name == "scan"
                and producer.outvars.index(atom) >= len(_jaxpr.scan_carry_positions(producer)))
-    info = ResidualInfo(name=f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
+    info = ResidualInfo(name=exposed or f"{scope}/{label}", shape=tuple(aval.shape), dtype=aval.dtype,
                         source=source, is_argument=is_argument, primitive=primitive, stacked_by_loop=stacked,
                         group_size=config.group_size,
                         two_valued=(values is not None and jnp.issubdtype(aval.dtype, jnp.floating)
@@ -663,6 +679,7 @@ class _Stored:
 # --- the public transform ------------------------------------------------------------------------
 
 STORED_MARK = "jact:stored"  # checkpoint_name of what a compressed call stores (for enclosing ones)
+EXPOSED_MARK = STORED_MARK + ":"  # + a residual's name: a loop body's residual that calibrate probes
 
 
 class _Traced:
@@ -689,8 +706,9 @@ class _Traced:
 
     def pure(*inputs):
       seed, inputs = (inputs[0], inputs[1:]) if self.takes_seed else (None, inputs)
-      rules = {} if _context.current().probe is not None else {
-          i: functools.partial(rule, seed) for i, rule in self.loop_rules.items()}
+      # (While calibrate probes, every such loop runs with its body's residuals exposed by name.)
+      active = loop_rules if _context.current().probe is not None else self.loop_rules
+      rules = {i: functools.partial(rule, seed) for i, rule in active.items()}
       return _chains.eval_jaxpr(fun_jaxpr, chains, inputs[:num_consts], *inputs[num_consts:], rules=rules)
 
     def with_seed(seed, inputs) -> list[Any]:
@@ -704,7 +722,7 @@ class _Traced:
     self.last_plan: _Plan | None = None  # the last one built or served outside calibration
 
     def plan_for(inputs) -> _Plan:
-      # (While calibrate probes, loops run as they are: it perturbs the stacked residuals.)
+      # (While calibrate probes, loops run with their bodies' residuals exposed: see `exposed`.)
       probing = _context.current().probe is not None
       key = (tuple(jax.typeof(x) for x in inputs), probing)
       if key not in self.plans:
@@ -712,19 +730,22 @@ class _Traced:
         with _context.collecting_nothing():
           plan = _build_plan(pure, inputs, kinds, labels, scope, config)
           stacked = _stacked_by_loops(plan.infos)
-          if not probing and loop_rules and not self.loop_rules and stacked:
+          if not probing and loop_rules and not self.loop_rules and _stacked_activations(plan.infos):
+            # Loops stack activations: run them with their bodies compressed on their own, and
+            # keep that when the bodies compress something and nothing compressed is stacked
+            # any more (a uniform width, or a policy from jact.calibrate, which names the bodies'
+            # residuals, compresses in the bodies).
             self.loop_rules = loop_rules
             rewritten = _build_plan(pure, inputs, kinds, labels, scope, config)
-            if _stacked_by_loops(rewritten.infos):
-              # The bodies compressed nothing: the policy names the residuals as the loops stack
-              # them, as one from jact.calibrate does. The bodies get the finest width it chose
-              # for those.
+            if stacked and not _bodies_compress(loop_rules):
+              # The policy names the residuals only as the loops stack them (written so by hand,
+              # or calibrated by an older jact): the bodies get the finest width it gives those.
               width = max(r.bits for r in stacked)
               self.loop_rules = _loop_rules(fun_jaxpr, own_kinds, scope,
                                             dataclasses.replace(config, policy=_LoopBodyWidth(config.policy, width)))
               rewritten = _build_plan(pure, inputs, kinds, labels, scope, config)
-            if _stacked_by_loops(rewritten.infos):  # (still: the bodies keep every residual)
-              self.loop_rules = {}
+            if _stacked_by_loops(rewritten.infos) or not _bodies_compress(self.loop_rules):
+              self.loop_rules = {}  # the bodies keep every residual: the loops run as they are
             else:
               self.plans = {k: p for k, p in self.plans.items() if k[1]}  # traced without them
               plan = rewritten
@@ -792,6 +813,35 @@ class _Traced:
 
     probed.defvjp(probed_fwd, probed_bwd)
     self.probed = probed
+
+    @jax.custom_vjp
+    def exposed(seed, *inputs):
+      return pure(*with_seed(seed, inputs))
+
+    def exposed_fwd(seed, *inputs):
+      # A loop's body while calibrate probes: every residual stored as it is; those calibrate
+      # could compress marked with their names, so that the enclosing call probes them stacked.
+      inputs = with_seed(seed, inputs)
+      plan = plan_for(inputs)
+      outs, stored = _hand_over(plan, *_run_forward(plan, config, seed, inputs, compress=False), inputs)
+      by_reference = set(plan.stored_inputs)
+      marked = []
+      for k, value in enumerate(stored):
+        r = plan.residuals[k].info if k < len(plan.residuals) else None
+        if k in by_reference or k >= len(plan.residuals) + len(plan.rebuild_operands):
+          marked.append(value)
+        elif r is not None and r.kept_because == "" and r.source in (info_lib.ACTIVATION, info_lib.INPUT):
+          marked.append(checkpoint_name(value, EXPOSED_MARK + r.name))
+        else:
+          marked.append(jax.tree.map(lambda x: checkpoint_name(x, STORED_MARK), value))
+      return outs, _Stored(marked, plan)
+
+    def exposed_bwd(res, cts):
+      grads = _run_backward(res.plan, config, res.arrays, list(cts))
+      return (np.zeros((), jax.dtypes.float0), *own_gradients(grads))
+
+    exposed.defvjp(exposed_fwd, exposed_bwd)
+    self.call_exposing = lambda seed, inputs: exposed(seed, *inputs)
 
   def call(self, seed, inputs):
     probe = _context.current().probe

@@ -448,11 +448,12 @@ def test_a_loop_compressed_step_by_step_is_unbiased_over_rngs():
     assert rel_err(mean, exact) < 1.3 * err1 / np.sqrt(k), (k, rel_err(mean, exact), err1)
 
 
-def test_a_calibrated_policy_compresses_a_loop_step_by_step():
-  """jact.calibrate probes a loop as it is and names the residuals as the loop stacks them, so its
-  policy gives the body's own residuals no width. The body then gets the finest width the policy
-  chose for the stacked ones, and the loop stacks codes. (Before, the loop ran as it was and
-  stacked them at full precision.)"""
+def test_calibrate_sizes_a_loop_body_residual_by_residual():
+  """While jact.calibrate probes, a loop runs with its body's residuals stored as they are and
+  named as the body names them, stacked over the steps: it measures each one's effect on the
+  gradient, and its policy gives each its own width in the body, which the loop then runs
+  compressed step by step. (Before, calibrate named the stacked residuals after the loop, the
+  policy gave the body's residuals no width, and the loop stacked them at full precision.)"""
   import warnings
 
   xs = jax.random.normal(jax.random.key(0), (8, 256, 256))
@@ -461,13 +462,28 @@ def test_a_calibrated_policy_compresses_a_loop_step_by_step():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     policy = jact.calibrate(lambda w, xs: f(2)(xs, w), w, xs, avg_bits=3, progress=False)
-    stacked = [r for r in policy.residuals if r.name.startswith("run/scan")]
-    assert len(stacked) == 2, policy  # the RNN's states and tanh derivatives, stacked over the steps
     table = jact.residuals(f(policy), xs, w)
+  in_body = {r.name: r for r in policy.residuals if r.name.startswith("run/loop0/")}
+  # the RNN's states and tanh's derivative, as the body names them, each over the 8 steps
+  assert len(in_body) == 2 and all(r.shapes == ((8, 256, 256),) for r in in_body.values()), policy
   assert not [r for r in table if r.stacked_by_loop and r.compressed], table
-  in_loop = [r for r in table if r.loop_steps]  # the body's residuals, each over the 8 steps
-  assert {r.bits for r in in_loop} == {max(r.bits for r in stacked)}, table
-  assert sum(r.size for r in in_loop) == sum(math.prod(s) for r in stacked for s in r.shapes), table
+  in_loop = {r.name: r for r in table if r.loop_steps}
+  assert {n: r.bits for n, r in in_loop.items()} == {n: r.bits for n, r in in_body.items()}, (table, policy)
+
+
+def test_a_policy_naming_a_loops_stacked_residuals_gives_its_body_their_finest_width():
+  """A policy that names residuals as the loop stacks them (`<scope>/scan<k>`, as a policy from
+  an older jact.calibrate does) gives the body's own residuals no width; the body gets the finest
+  width the policy gives the stacked ones, and the loop still stacks codes."""
+  import warnings
+
+  xs, w = jnp.ones((8, 256, 256)), jnp.ones((256, 256))
+  policy = jact.policies.by_name({"run/scan0": 2, "run/scan1": 4, "run/mul*": 2})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    table = jact.residuals(jact.remat_compress(_rnn(_cell), bits=policy, keep_argnums=(1,)), xs, w)
+  assert not [r for r in table if r.stacked_by_loop and r.compressed], table
+  assert [r.bits for r in table if r.loop_steps] == [4, 4], table
 
 
 def test_a_loop_with_effects_is_left_as_it_is_and_jact_says_so():
