@@ -190,10 +190,20 @@ def _stacked_activations(infos: Sequence[ResidualInfo]) -> list[ResidualInfo]:
           and r.source in (info_lib.ACTIVATION, info_lib.INPUT)]
 
 
+def _body_rows(rules: dict) -> list[ResidualInfo]:
+  """The residuals of the loop bodies of `rules`, as last traced."""
+  return [r for rule in rules.values() if rule.body.last_plan is not None for r in rule.body.last_plan.infos]
+
+
 def _bodies_compress(rules: dict) -> bool:
-  """Whether the loop bodies of `rules`, as last traced, compress any residual."""
-  return any(rule.body.last_plan is not None and any(r.compressed for r in rule.body.last_plan.infos)
-             for rule in rules.values())
+  """Whether the loop bodies compress any residual."""
+  return any(r.compressed for r in _body_rows(rules))
+
+
+def _bodies_unsized(rules: dict) -> bool:
+  """Whether the policy left at full precision a residual of the loop bodies that it could compress."""
+  return any(r.kept_because == "" and not r.compressed and not r.recomputed
+             and r.source in (info_lib.ACTIVATION, info_lib.INPUT) for r in _body_rows(rules))
 
 
 def _warn_of_loop_stacks(scope: str, stacked: Sequence[ResidualInfo]) -> None:
@@ -732,20 +742,21 @@ class _Traced:
           stacked = _stacked_by_loops(plan.infos)
           if not probing and loop_rules and not self.loop_rules and _stacked_activations(plan.infos):
             # Loops stack activations: run them with their bodies compressed on their own, and
-            # keep that when the bodies compress something and nothing compressed is stacked
-            # any more (a uniform width, or a policy from jact.calibrate, which names the bodies'
-            # residuals, compresses in the bodies).
+            # keep that when nothing compressed is stacked any more, if something was (the
+            # bodies may store less by rebuilding what they stacked) or the bodies compress
+            # something (a policy from jact.calibrate names the bodies' residuals, not the
+            # stacked ones).
             self.loop_rules = loop_rules
             rewritten = _build_plan(pure, inputs, kinds, labels, scope, config)
-            if stacked and not _bodies_compress(loop_rules):
+            if stacked and _bodies_unsized(loop_rules):
               # The policy names the residuals only as the loops stack them (written so by hand,
               # or calibrated by an older jact): the bodies get the finest width it gives those.
               width = max(r.bits for r in stacked)
               self.loop_rules = _loop_rules(fun_jaxpr, own_kinds, scope,
                                             dataclasses.replace(config, policy=_LoopBodyWidth(config.policy, width)))
               rewritten = _build_plan(pure, inputs, kinds, labels, scope, config)
-            if _stacked_by_loops(rewritten.infos) or not _bodies_compress(self.loop_rules):
-              self.loop_rules = {}  # the bodies keep every residual: the loops run as they are
+            if _stacked_by_loops(rewritten.infos) or not (stacked or _bodies_compress(self.loop_rules)):
+              self.loop_rules = {}  # the loops run as they are
             else:
               self.plans = {k: p for k, p in self.plans.items() if k[1]}  # traced without them
               plan = rewritten
