@@ -769,9 +769,10 @@ class _Traced:
         self.last_plan = self.plans[key]
       return self.plans[key]
 
-    @jax.custom_vjp
-    def core(seed, *inputs):
+    def primal(seed, *inputs):
       return pure(*with_seed(seed, inputs))
+
+    core = jax.custom_vjp(primal)
 
     def core_fwd(seed, *inputs):
       inputs = with_seed(seed, inputs)
@@ -825,9 +826,7 @@ class _Traced:
     probed.defvjp(probed_fwd, probed_bwd)
     self.probed = probed
 
-    @jax.custom_vjp
-    def exposed(seed, *inputs):
-      return pure(*with_seed(seed, inputs))
+    exposed = jax.custom_vjp(primal)
 
     def exposed_fwd(seed, *inputs):
       # A loop's body while calibrate probes: every residual stored as it is; those calibrate
@@ -847,11 +846,7 @@ class _Traced:
           marked.append(jax.tree.map(lambda x: checkpoint_name(x, STORED_MARK), value))
       return outs, _Stored(marked, plan)
 
-    def exposed_bwd(res, cts):
-      grads = _run_backward(res.plan, config, res.arrays, list(cts))
-      return (np.zeros((), jax.dtypes.float0), *own_gradients(grads))
-
-    exposed.defvjp(exposed_fwd, exposed_bwd)
+    exposed.defvjp(exposed_fwd, core_bwd)
     self.call_exposing = lambda seed, inputs: exposed(seed, *inputs)
 
   def call(self, seed, inputs):
