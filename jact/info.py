@@ -53,8 +53,9 @@ class ResidualInfo:
       at full precision, before jact can compress it: the peak falls little or not at all. jact
       compresses such loops step by step; only a loop it leaves as it is (one with effects, or
       whose body keeps every residual) keeps compressed residuals like this.
-    loop_steps: for a residual of a loop's body compressed step by step, the loop's steps: its
-      shape leads with them, and it is quantised step by step (0 elsewhere).
+    loop_steps: for a residual of a loop's body compressed step by step, the steps of the loop
+      (of each loop, outermost first, for nested loops): its shape leads with them, and it is
+      quantised step by step (empty elsewhere).
   """
   name: str
   shape: tuple[int, ...]
@@ -70,7 +71,7 @@ class ResidualInfo:
   rebuilt_from: str = ""
   extra_nbytes: int = 0
   stacked_by_loop: bool = False
-  loop_steps: int = 0
+  loop_steps: tuple[int, ...] = ()
 
   @property
   def size(self) -> int:
@@ -85,7 +86,8 @@ class ResidualInfo:
   def stored_nbytes(self) -> int:
     """Bytes jact stores for it at `bits` (payload plus per-group metadata)."""
     if self.loop_steps:  # quantised step by step
-      return self.loop_steps * dataclasses.replace(self, shape=self.shape[1:], loop_steps=0).stored_nbytes
+      step = dataclasses.replace(self, shape=self.shape[len(self.loop_steps):], loop_steps=())
+      return math.prod(self.loop_steps) * step.stored_nbytes
     if self.recomputed:
       return 0
     if self.rebuilt_from:
@@ -130,7 +132,7 @@ def _how_stored(r: ResidualInfo) -> str:
   if r.stacked_by_loop and r.compressed:
     return " (stacked by a loop)"
   if r.loop_steps:
-    return f" (in a loop, {r.loop_steps} steps)"
+    return f" (in a loop, {' x '.join(map(str, r.loop_steps))} steps)"
   return " (two values: exact)" if r.two_valued and r.compressed else ""
 
 

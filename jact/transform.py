@@ -306,9 +306,9 @@ def _with_loop_bodies(plan: "_Plan", rules: Sequence[Callable]) -> list[Residual
     body = rule.body.last_plan
     if body is None:
       return plan.infos
-    by_reference = set(body.stored_inputs)
-    body_rows += [dataclasses.replace(r.info, shape=(rule.length, *r.info.shape), loop_steps=rule.length)
-                  for uid, r in enumerate(body.residuals) if uid not in by_reference]
+    rows = body.infos if body.table is None else body.table  # (a body's own loops listed so too)
+    body_rows += [dataclasses.replace(r, shape=(rule.length, *r.shape), loop_steps=(rule.length, *r.loop_steps))
+                  for r in rows if not (r.is_argument and not r.compressed)]
   stacked = [r for r in plan.infos if r.stacked_by_loop and r.kept_because == NESTED]
   if sum(r.stored_nbytes for r in stacked) != sum(r.stored_nbytes for r in body_rows):
     return plan.infos
