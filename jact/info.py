@@ -122,18 +122,24 @@ def format_bytes(n: float) -> str:
 
 
 def _how_stored(r: ResidualInfo) -> str:
-  """The table's note after a residual's source: why it is not stored compressed as usual."""
-  if r.recomputed:
-    return " (recomputed)"
-  if r.rebuilt_from:
-    return f" (from {r.rebuilt_from.rsplit('/', 1)[-1]})"
-  if r.kept_because not in ("", r.source):
-    return f" ({r.kept_because})"
-  if r.stacked_by_loop and r.compressed:
-    return " (stacked by a loop)"
+  """The table's note after a residual's source: why it is not stored compressed as usual, and
+  the loop steps it is stored over."""
+  notes = [_why_not_as_usual(r)] if _why_not_as_usual(r) else []
   if r.loop_steps:
-    return f" (in a loop, {' x '.join(map(str, r.loop_steps))} steps)"
-  return " (two values: exact)" if r.two_valued and r.compressed else ""
+    notes.append(f"in a loop, {' x '.join(map(str, r.loop_steps))} steps")
+  return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _why_not_as_usual(r: ResidualInfo) -> str:
+  if r.recomputed:
+    return "recomputed"
+  if r.rebuilt_from:
+    return f"from {r.rebuilt_from.rsplit('/', 1)[-1]}"
+  if r.kept_because not in ("", r.source):
+    return r.kept_because
+  if r.stacked_by_loop and r.compressed:
+    return "stacked by a loop"
+  return "two values: exact" if r.two_valued and r.compressed else ""
 
 
 class ResidualTable(list):

@@ -93,7 +93,9 @@ class _Plan:
   residuals: list[_Residual]  # distinct residuals
   leaf_ids: list[int]  # residual leaf position -> index into `residuals`
   recompute_inputs: tuple[int, ...] = ()  # forward inputs (parameters, index inputs) recomputing reads
-  rebuild_operands: tuple[Any, ...] = ()  # small forward values that rebuilding needs, stored as they are
+  rebuild_operands: tuple[Any, ...] = ()  # small forward values that rebuilding needs
+  # For each of those: how to recompute it from parameters (`_recomputation`), or None: stored.
+  operand_recompute: tuple[Any, ...] = ()
   _rules: dict = dataclasses.field(default_factory=dict)
   table: list[ResidualInfo] | None = None  # what jact.residuals lists, when not `infos` (loop bodies)
 
@@ -176,8 +178,17 @@ def _build_plan(pure: Callable, inputs: Sequence[Any], kinds: Sequence[str], lab
       inputs_needed.update(inputs)
       alive.update(inputs)
       residuals[k] = dataclasses.replace(r, recompute=recompute)
-  operands = _store_affine_relatives_once(fwd.jaxpr, residuals)
-  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands)
+  # Small operands of rebuilding computed from parameters alone (a LayerNorm scale's broadcast)
+  # are recomputed too: parameters are alive anyway.
+  def from_parameters(v):
+    pruned, inputs = recompute = _recomputation(fwd.jaxpr, v)
+    if all(kinds[i] == _KEEP for i in inputs) and not any(eqn.effects for eqn in pruned.eqns):
+      return recompute
+    return None
+
+  operands, operand_recompute = _store_affine_relatives_once(fwd.jaxpr, residuals, from_parameters)
+  inputs_needed.update(i for r in operand_recompute if r is not None for i in r[1])
+  return _Plan(fwd, bwd, num_outs, residuals, leaf_ids, tuple(sorted(inputs_needed)), operands, operand_recompute)
 
 
 def _stacked_by_loops(infos: Sequence[ResidualInfo]) -> list[ResidualInfo]:
@@ -315,13 +326,15 @@ def _with_loop_bodies(plan: "_Plan", rules: Sequence[Callable]) -> list[Residual
   return [r for r in plan.infos if not (r.stacked_by_loop and r.kept_because == NESTED)] + body_rows
 
 
-def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any, ...]:
+def _store_affine_relatives_once(jaxpr, residuals: list[_Residual], from_parameters: Callable):
   """Marks compressed residuals that are affine functions of another one as rebuilt from it (see
-  jact._affine); returns the small values their rebuilding needs."""
+  jact._affine); returns the small values their rebuilding needs, and for each how it is
+  recomputed (`from_parameters(value)`: a `_recomputation`, or None where it is stored)."""
   candidates = {uid: r.atom for uid, r in enumerate(residuals)
                 if r.compressed and not r.recomputed and not r.info.two_valued}
   groups = _affine.representatives(jaxpr, candidates)
   operands: list[Any] = []
+  recompute: dict[Any, Any] = {}
   for uid, (rep, paths) in groups.items():
     # The group gets its finest width; values rebuilt from small values alone are exact.
     bits = 32 if rep is None else max(residuals[u].info.bits for u in paths)
@@ -330,13 +343,14 @@ def _store_affine_relatives_once(jaxpr, residuals: list[_Residual]) -> tuple[Any
       needed = [v for v in _affine.small_operands(jaxpr, [p for p in (representative, paths[uid]) if p])
                 if v not in operands]
       operands.extend(needed)
-      extra = sum(info_lib.aval_nbytes(v.aval) for v in needed)
+      recompute.update((v, from_parameters(v)) for v in needed)
+      extra = sum(info_lib.aval_nbytes(v.aval) for v in needed if recompute[v] is None)
       info = dataclasses.replace(residuals[uid].info, bits=bits, extra_nbytes=extra,
                                  rebuilt_from="small values" if rep is None else residuals[rep].info.name)
       residuals[uid] = dataclasses.replace(residuals[uid], info=info, rebuild=(rep, representative, paths[uid]))
     else:
       residuals[uid] = dataclasses.replace(residuals[uid], info=dataclasses.replace(residuals[uid].info, bits=bits))
-  return tuple(operands)
+  return tuple(operands), tuple(recompute[v] for v in operands)
 
 
 def _recomputation(jaxpr, atom) -> tuple[Any, tuple[int, ...]]:
@@ -570,7 +584,8 @@ def _run_forward(plan: _Plan, config: _Config, seed: jax.Array, inputs: Sequence
     if (stored[uid] is None and not _jaxpr.is_literal(r.atom) and not r.recomputed
         and uid not in plan.stored_inputs and not (compress and r.rebuild is not None)):
       stored[uid] = env.read(r.atom)
-  return outs, stored + [env.read(v) for v in plan.rebuild_operands]
+  return outs, stored + [None if how is not None else env.read(v)
+                         for v, how in zip(plan.rebuild_operands, plan.operand_recompute)]
 
 
 def _hand_over(plan: _Plan, outs: list[Any], stored: list[Any], inputs: Sequence[Any]):
@@ -582,9 +597,9 @@ def _hand_over(plan: _Plan, outs: list[Any], stored: list[Any], inputs: Sequence
   return outs, stored + [inputs[i] for i in plan.recompute_inputs]
 
 
-def _recompute(plan: _Plan, parameters: Sequence[Any], residual: _Residual) -> Any:
-  """A recomputed residual's value, from the inputs the forward pass handed over."""
-  jaxpr, inputs = residual.recompute
+def _recompute(plan: _Plan, parameters: Sequence[Any], recompute: tuple[Any, tuple[int, ...]]) -> Any:
+  """A recomputed value (`_recomputation`), from the inputs the forward pass handed over."""
+  jaxpr, inputs = recompute
   value_of = dict(zip(plan.recompute_inputs, parameters))
   (value,) = _jaxpr.eval_jaxpr(jaxpr, plan.fwd.consts, *[value_of[i] for i in inputs])
   return value
@@ -634,8 +649,9 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
     tie_positions = [k for k, v in enumerate(atoms) if not _jaxpr.is_literal(v) and v not in uid_of]
     tie_values = [invals[k] for k in tie_positions] if invals is not None and tie_positions else fallback_tie
     tie_values = list(tie_values) + previous
-    recomputing = any(plan.residuals[u].recomputed for u in need)
     rebuilding = [u for u in need if stored[u] is None and plan.residuals[u].rebuild is not None]
+    recomputing = (any(plan.residuals[u].recomputed for u in need)
+                   or (rebuilding and any(how is not None for how in plan.operand_recompute)))
     sources = [(None if plan.residuals[u].rebuild[0] is None else stored[plan.residuals[u].rebuild[0]])
                if u in rebuilding else stored[u] for u in need]
     (codes, params, small), tied = jax.lax.optimization_barrier(
@@ -643,16 +659,18 @@ def _run_backward(plan: _Plan, config: _Config, stored: Sequence[Any], cts: Sequ
     if invals is not None and tie_positions:
       for k, value in zip(tie_positions, tied):
         invals[k] = value
+    if rebuilding:
+      small = {v: value if how is None else _recompute(plan, params, how)
+               for v, value, how in zip(plan.rebuild_operands, small, plan.operand_recompute)}
     for uid, value in zip(need, codes):
       if plan.residuals[uid].recomputed:
-        value = _recompute(plan, params, plan.residuals[uid])
+        value = _recompute(plan, params, plan.residuals[uid].recompute)
       else:
         if isinstance(value, codec.QuantizedArray):
           value = codec.dequantize(value, kernel=config.kernel)
         if uid in rebuilding:
           _, representative, member = plan.residuals[uid].rebuild
-          value = _affine.rebuild(plan.fwd.jaxpr, representative, member, value,
-                                  dict(zip(plan.rebuild_operands, small)))
+          value = _affine.rebuild(plan.fwd.jaxpr, representative, member, value, small)
       restore(uid, value)
       waiting.discard(uid)
 

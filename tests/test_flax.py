@@ -224,6 +224,37 @@ def test_composes_with_linen_transforms(compose):
     assert relative_error(jax.grad(loss(model))(variables), expected) <= rtol
 
 
+def test_blocks_under_nn_scan_are_listed_by_their_own_residuals():
+  """A compressed model whose pre-LayerNorm blocks run under nn.scan: jact.residuals lists each
+  block's residuals over the steps, adding up to what the loop stacks -- the LayerNorm scale's
+  broadcast, which the block's rebuilt residuals need, is recomputed from the scale in the
+  block's backward pass rather than stored and stacked (the enclosing call recomputed the
+  stacked copy, so the bytes did not add up and the table listed the loop's codes instead).
+  Gradients are exact at 32 bits."""
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return x + nn.Dense(128)(nn.gelu(nn.Dense(256)(nn.LayerNorm()(x)))), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+      return scan()(x, None)[0]
+
+  x = jax.random.normal(jax.random.key(0), (4, 32, 128))
+  params = Model().init(jax.random.key(1), x)
+  loss = lambda model: (lambda p: jnp.sum(model.apply(p, x) ** 2))
+  table = jact.residuals(loss(jact.compressed(Model, bits=2)()), params)
+  assert not [r for r in table if r.kept_because == "stored by a nested compressed call"], table
+  in_loop = [r for r in table if r.loop_steps == (4,)]
+  assert any(r.source == "activation" and r.compressed for r in in_loop), table
+  assert any(r.recomputed and r.stored_nbytes == 0 for r in in_loop), table  # the scale's broadcast
+  exact = jax.grad(loss(Model()))(params)
+  assert relative_error(jax.grad(loss(jact.compressed(Model, bits=32)()))(params), exact) < 1e-5
+
+
 def test_remat_inside_compressed():
   x = jax.random.normal(jax.random.key(0), (8, 16))
   baseline = nn.remat(Layer)()
