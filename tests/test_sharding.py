@@ -66,8 +66,9 @@ def test_data_parallel_device_needs_what_one_device_needs_for_its_share(measured
   """A data-parallel device runs the one-device step on an eighth of the batch, then all-reduces
   the gradients: XLA combines those all-reduces into one at the end, which keeps up to one
   gradient-sized buffer alive at the compressed step's peak. (The ratio to the baseline is higher
-  than on one device for that reason and because XLA packs the partitioned *baseline* tighter than
-  the one-device baseline of the same per-device shapes; see README, "Many devices".)"""
+  than on one device for that reason and because XLA's schedule of the partitioned *baseline*
+  keeps less alive than the one-device baseline of the same per-device shapes; see README, "Many
+  devices".)"""
   compiled = measured["compiled"]
   share = compiled["one device, batch / 8/compressed"]["temp_bytes"]
   assert compiled["data/compressed"]["temp_bytes"] <= share + compiled["gradient_bytes"]
