@@ -100,6 +100,12 @@ class ResidualInfo:
   def compressed(self) -> bool:
     return self.bits != 32
 
+  @property
+  def sized_by_policy(self) -> bool:
+    """An activation or input whose width the policy chose (none kept it for a reason): what
+    `jact.calibrate` probes and sizes."""
+    return self.kept_because == "" and self.source in (ACTIVATION, INPUT)
+
 
 def aval_nbytes(aval) -> int:
   return math.prod(aval.shape) * itemsize(aval.dtype)

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jact import _context, codec, policies
-from jact.info import ACTIVATION, INPUT, ResidualInfo, format_bytes
+from jact.info import ResidualInfo, format_bytes
 
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 16, 32)
 
@@ -269,7 +269,7 @@ class _Probed:
                        "jact.remat_compress call (or compressed Flax module) with activations to compress.")
     infos = {}
     for info in (i for region in regions for i in region):
-      if info.kept_because == "" and info.source in (ACTIVATION, INPUT):
+      if info.sized_by_policy:
         infos.setdefault(info.name, info)
     return self._values(list(args)), infos
 

@@ -197,8 +197,7 @@ def _stacked_by_loops(infos: Sequence[ResidualInfo]) -> list[ResidualInfo]:
 
 def _stacked_activations(infos: Sequence[ResidualInfo]) -> list[ResidualInfo]:
   """Activations a loop stacks that jact would compress under some width."""
-  return [r for r in infos if r.stacked_by_loop and not r.recomputed and r.kept_because == ""
-          and r.source in (info_lib.ACTIVATION, info_lib.INPUT)]
+  return [r for r in infos if r.stacked_by_loop and not r.recomputed and r.sized_by_policy]
 
 
 def _body_rows(rules: dict) -> list[ResidualInfo]:
@@ -213,8 +212,7 @@ def _bodies_compress(rules: dict) -> bool:
 
 def _bodies_unsized(rules: dict) -> bool:
   """Whether the policy left at full precision a residual of the loop bodies that it could compress."""
-  return any(r.kept_because == "" and not r.compressed and not r.recomputed
-             and r.source in (info_lib.ACTIVATION, info_lib.INPUT) for r in _body_rows(rules))
+  return any(r.sized_by_policy and not r.compressed and not r.recomputed for r in _body_rows(rules))
 
 
 def _warn_of_loop_stacks(scope: str, stacked: Sequence[ResidualInfo]) -> None:
@@ -710,6 +708,22 @@ STORED_MARK = "jact:stored"  # checkpoint_name of what a compressed call stores 
 EXPOSED_MARK = STORED_MARK + ":"  # + a residual's name: a loop body's residual that calibrate probes
 
 
+def _marked(plan: _Plan, stored: Sequence[Any], by_reference: bool = True, exposing: bool = False) -> list[Any]:
+  """A plan's handed-over residuals with what its forward rule made marked, so that an enclosing
+  compressed call keeps it as it is (see _classify); with `exposing`, what the policy sizes is
+  marked with its own name instead, for calibrate to probe. Inputs handed over as they are stay
+  unmarked (`by_reference`): marked, they would no longer be seen as inputs, and a scan would
+  stack copies of them instead of forwarding them."""
+  inputs_at = len(plan.residuals) + len(plan.rebuild_operands)  # then the inputs recomputing reads
+  kept = set(plan.stored_inputs) | set(range(inputs_at, len(stored))) if by_reference else set()
+  out = []
+  for k, value in enumerate(stored):
+    info = plan.residuals[k].info if k < len(plan.residuals) else None
+    name = EXPOSED_MARK + info.name if exposing and info is not None and info.sized_by_policy else STORED_MARK
+    out.append(value if k in kept else jax.tree.map(lambda x, name=name: checkpoint_name(x, name), value))
+  return out
+
+
 class _Traced:
   """Everything shared by calls that trace to the same function: its jaxpr, chains and plans.
 
@@ -799,15 +813,8 @@ class _Traced:
       outs, stored = plan.rule("forward", config)(seed, list(inputs))
       if regions is not None:
         regions.append(info_lib.ResidualTable(plan.infos if plan.table is None else plan.table))
-      # What the forward rule made is marked, so that an enclosing compressed call keeps it as it
-      # is (see _classify). Inputs stored as they are stay unmarked: marked, they would no longer
-      # be seen as inputs, and a scan would stack copies of them instead of forwarding them.
       # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
-      by_reference = set() if regions is not None else (
-          set(plan.stored_inputs) | set(range(len(plan.residuals) + len(plan.rebuild_operands), len(stored))))
-      stored = [a if k in by_reference else jax.tree.map(lambda x: checkpoint_name(x, STORED_MARK), a)
-                for k, a in enumerate(stored)]
-      return outs, _Stored(stored, plan)
+      return outs, _Stored(_marked(plan, stored, by_reference=regions is None), plan)
 
     def core_bwd(res, cts):
       grads = res.plan.rule("backward", config)(res.arrays, list(cts))
@@ -830,7 +837,7 @@ class _Traced:
         state.regions.append(info_lib.ResidualTable(plan.infos))
       outs, stored = _hand_over(plan, *_run_forward(plan, config, seed, inputs, compress=False), inputs)
       for r, value in zip(plan.residuals, stored):
-        if r.info.kept_because == "" and r.info.source in (info_lib.ACTIVATION, info_lib.INPUT):
+        if r.info.sized_by_policy:
           probe.captured[probe.key(r.info.name)] = value
       return outs, (_Stored(stored, plan), deltas)
 
@@ -852,17 +859,7 @@ class _Traced:
       inputs = with_seed(seed, inputs)
       plan = plan_for(inputs)
       outs, stored = _hand_over(plan, *_run_forward(plan, config, seed, inputs, compress=False), inputs)
-      by_reference = set(plan.stored_inputs)
-      marked = []
-      for k, value in enumerate(stored):
-        r = plan.residuals[k].info if k < len(plan.residuals) else None
-        if k in by_reference or k >= len(plan.residuals) + len(plan.rebuild_operands):
-          marked.append(value)
-        elif r is not None and r.kept_because == "" and r.source in (info_lib.ACTIVATION, info_lib.INPUT):
-          marked.append(checkpoint_name(value, EXPOSED_MARK + r.name))
-        else:
-          marked.append(jax.tree.map(lambda x: checkpoint_name(x, STORED_MARK), value))
-      return outs, _Stored(marked, plan)
+      return outs, _Stored(_marked(plan, stored, exposing=True), plan)
 
     exposed.defvjp(exposed_fwd, core_bwd)
     self.call_exposing = lambda seed, inputs: exposed(seed, *inputs)
@@ -876,7 +873,7 @@ class _Traced:
     counts = dict(probe.counts)
     deltas = []
     for r in plan.residuals:
-      eligible = r.info.kept_because == "" and r.info.source in (info_lib.ACTIVATION, info_lib.INPUT)
+      eligible = r.info.sized_by_policy
       deltas.append(probe.deltas.get((r.info.name, counts.get(r.info.name, 0))) if eligible else None)
       if eligible:
         counts[r.info.name] = counts.get(r.info.name, 0) + 1
