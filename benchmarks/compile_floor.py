@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import pathlib
-import sys
 import time
 
 import jax
@@ -31,10 +29,7 @@ import numpy as np
 from jact import codec, hashing
 from jact.kernels import formulas
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from test_memory import BATCH, WIDTH, layer, mlp_loss  # noqa: E402  (the MLP the issue names)
-
-import jact  # noqa: E402
+from compile_time import lowered  # the MLP of tests/test_memory.py, lowered afresh
 
 
 def _reciprocal(d: jax.Array) -> jax.Array:
@@ -86,11 +81,9 @@ def _codec(stripped: bool):
 
 def compile_seconds(bits: int | None, depth: int) -> float:
   jax.clear_caches()  # traced afresh: jact caches plans by function, JAX executables by lowering
-  f = layer if bits is None else jact.remat_compress(layer, bits=bits, keep_argnums=(1,))
-  ws = [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)] * depth
-  lowered = jax.jit(jax.grad(mlp_loss(f))).lower(ws, jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32))
+  step = lowered(bits, depth)
   start = time.perf_counter()
-  lowered.compile()
+  step.compile()
   return time.perf_counter() - start
 
 

@@ -22,7 +22,7 @@ import sharding_checks as S  # noqa: E402  (sets XLA_FLAGS for 8 devices before 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from where_memory_goes import alive_at_peak  # noqa: E402
+from where_memory_goes import alive_at_peak, made_by  # noqa: E402
 
 from jact.info import format_bytes  # noqa: E402
 
@@ -48,8 +48,7 @@ def main() -> None:
             f"{format_bytes(report['alive'])} at {report['peak_instruction']} "
             f"(step {report['peak_step']} of {len(report['sequence'])})")
       for size, _, names, start, end in report["buffers"][:args.top]:
-        known = [report["op_names"][n.split("{")[0]] for n in names if n.split("{")[0] in report["op_names"]]
-        print(f"  {format_bytes(size):>11}  {start:>5}-{end:<5}  {(known[0] if known else names[0])[-90:]}")
+        print(f"  {format_bytes(size):>11}  {start:>5}-{end:<5}  {made_by(report, names)[-90:]}")
   ratio = lambda name: temps[name, "compressed"] / temps[name, "baseline"]
   one, data = ratio("one device, batch / 8"), ratio("data parallel")
   parity = temps["one device, batch / 8", "compressed"] / temps["data parallel", "baseline"]

@@ -103,6 +103,13 @@ def alive_at_peak(directory: str) -> dict:
           "alive": bytes_in_use(peak) if steps else 0, "buffers": at_peak, "op_names": op_names, "sequence": sequence}
 
 
+def made_by(report: dict, names: list[str]) -> str:
+  """What made a buffer of `alive_at_peak`'s report: the first of its values with an op name (a
+  loop's carry is named after the loop's parameter), else its first value's name."""
+  known = [report["op_names"][n.split("{")[0]] for n in names if n.split("{")[0] in report["op_names"]]
+  return known[0] if known else names[0]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("model", choices=sorted(V.PAPER_MODELS))
@@ -119,9 +126,7 @@ def main() -> None:
         f"{report['peak_instruction']} (step {report['peak_step']} of {len(report['sequence'])})")
   print(f"{'size':>11}  {'offset':>11}  {'alive':>11}  made by")
   for size, offset, names, start, end in report["buffers"][:args.top]:
-    known = [report["op_names"][n.split("{")[0]] for n in names if n.split("{")[0] in report["op_names"]]
-    made_by = known[0] if known else names[0]  # a loop's carry: named after the loop's parameter
-    print(f"{format_bytes(size):>11}  {format_bytes(offset):>11}  {start:>5}-{end:<5}  {made_by[-90:]}")
+    print(f"{format_bytes(size):>11}  {format_bytes(offset):>11}  {start:>5}-{end:<5}  {made_by(report, names)[-90:]}")
   rest = report["buffers"][args.top:]
   if rest:
     print(f"{'':>11}  {'':>11}  {'':>11}  ... {len(rest)} more, {format_bytes(sum(b[0] for b in rest))}")
