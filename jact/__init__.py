@@ -7,10 +7,12 @@ stochastic rounding) and restores them in the backward pass, as composable funct
 
 from jact import memory, nnx, policies
 from jact._context import use_policy
-from jact.codec import QuantizedArray, dequantize, quantize
-from jact.flax import compress, compressed
+from jact.codec import QuantizedArray
+from jact.decorator import compress
+from jact.flax import compressed
 from jact.info import ResidualInfo, ResidualTable
 from jact.introspect import residuals
+from jact.quantization import dequantize, quantize
 from jact.recalibration import Recalibration
 from jact.sensitivity import calibrate
 from jact.transform import remat_compress

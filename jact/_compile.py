@@ -4,7 +4,7 @@ XLA inlines every function call into its caller before optimising, so a network 
 each quantise two residuals compiles the codec 100 times: compressed steps compiled 5-13x slower
 than uncompressed ones. `shared_jit` marks a function for late inlining (`jax.Inline.XLA_LATE`);
 XLA:CPU (jax 0.12) then keeps it as one called computation, optimised and compiled once for all
-its calls. jact uses it for each plan's forward and backward rule (transform.py): a layer's
+its calls. jact uses it for each plan's forward and backward rule (_schedule.py): a layer's
 codec work still fuses with the layer's own computation, but nothing fuses across the call
 boundary, which costs some step time on CPU (16-layer MLP, 2 bits: about 5% over the early-inlined
 form; sharing the codec functions themselves as well cost 15%, so they are inlined early).

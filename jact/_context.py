@@ -11,6 +11,8 @@ import dataclasses
 import threading
 from typing import Any, Iterator
 
+from jact import policies
+
 _state = threading.local()
 
 
@@ -77,7 +79,6 @@ def use_policy(policy) -> Iterator[None]:
   Args:
     policy: anything `bits=` accepts (an int or a policy), or None to restore each call's own.
   """
-  from jact import policies
   with _replaced(policy=None if policy is None else policies.resolve(policy)):
     yield
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -117,18 +117,25 @@ def named(jaxpr, atom, name: str, producer_of: dict | None = None) -> bool:
   return mark(jaxpr, atom, producer_of) == name
 
 
-def scan_positions(eqn) -> tuple[list[int], list[int], list[int]]:
-  """Input positions of a scan's constants, carry and scanned-over arrays; its outputs start
-  with the carry out, in the carry's order."""
+class ScanPositions(NamedTuple):
+  """Input positions of a scan's constants, carry and scanned-over arrays (its outputs start
+  with the carry out, in the carry's order)."""
+  consts: list[int]
+  carry: list[int]
+  xs: list[int]
+
+
+def scan_positions(eqn) -> ScanPositions:
+  """Where a scan equation's constants, carry and scanned-over arrays are among its inputs."""
   if "num_carry" in eqn.params:  # jax before 0.12
     consts, carry = eqn.params["num_consts"], eqn.params["num_carry"]
-    return (list(range(consts)), list(range(consts, consts + carry)),
-            list(range(consts + carry, len(eqn.invars))))
-  return tuple(list(part) for part in eqn.params["ft_in"].update(list(range(len(eqn.invars)))).unpack())
+    return ScanPositions(list(range(consts)), list(range(consts, consts + carry)),
+                         list(range(consts + carry, len(eqn.invars))))
+  return ScanPositions(*(list(part) for part in eqn.params["ft_in"].update(list(range(len(eqn.invars)))).unpack()))
 
 
 def scan_carry_positions(eqn) -> list[int]:
-  return scan_positions(eqn)[1]
+  return scan_positions(eqn).carry
 
 
 def _through_loop(eqn, ins: Sequence[Any], run: Callable[[list], list], join: Callable,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any
 
@@ -11,15 +12,26 @@ import numpy as np
 
 from jact import codec
 
-# Where a residual comes from. Only "activation" and "input" residuals are ever compressed.
-ACTIVATION = "activation"  # computed inside the wrapped function from its compressible inputs
-INPUT = "input"            # one of the wrapped function's own arguments
-INDEX = "index"            # computed from integer/boolean inputs (indices, masks) and parameters only
-PARAMETER = "parameter"    # an argument in keep_argnums, a closed-over value, or computed from those only
-CONSTANT = "constant"      # depends on no argument at all (XLA rebuilds it for free)
-SOURCES = (ACTIVATION, INPUT, INDEX, PARAMETER, CONSTANT)
+class Source(enum.StrEnum):
+  """Where a residual comes from. Only activations and inputs are ever compressed."""
+  ACTIVATION = "activation"  # computed inside the wrapped function from its compressible inputs
+  INPUT = "input"            # one of the wrapped function's own arguments
+  INDEX = "index"            # computed from integer/boolean inputs (indices, masks) and parameters only
+  PARAMETER = "parameter"    # an argument in keep_argnums, a closed-over value, or computed from those only
+  CONSTANT = "constant"      # depends on no argument at all (XLA rebuilds it for free)
+
+
 # Sources that the backward pass recomputes from inputs that are alive anyway rather than storing.
-RECOMPUTABLE = (INDEX, PARAMETER, CONSTANT)
+RECOMPUTABLE = frozenset({Source.INDEX, Source.PARAMETER, Source.CONSTANT})
+
+
+class Kept(enum.StrEnum):
+  """Why a residual the policy was not asked about is kept as it is (`ResidualInfo.kept_because`;
+  a recomputable one gives its `Source`, one below `min_size` says so with the threshold)."""
+  NOT_FLOATING = "not floating point"
+  NONLINEAR = "nonlinear in backward"
+  PER_ROW = "per-row statistic"
+  NESTED = "stored by a nested compressed call"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +43,7 @@ class ResidualInfo:
       (or the Flax module path) and the label is the argument's name or the primitive that
       produced the value, numbered per primitive (`dot_general0`, `tanh1`).
     shape, dtype: of the full-precision residual.
-    source: one of `SOURCES`.
+    source: a `Source` (a string).
     is_argument: the residual is one of the wrapped function's inputs (identity, not a copy).
     primitive: the primitive that produced it (None for arguments).
     bits: the stored width (32: kept as is).
@@ -46,7 +58,7 @@ class ResidualInfo:
       width, without error.
     rebuilt_from: the name of another residual of the same call that this one is an affine
       function of (`2 * x` and `x - mean`, say): only that one is stored, and this one is rebuilt
-      from its decoded value in the backward pass (see `jact._affine`).
+      from its decoded value in the backward pass (see `jact.rewrites.affine`).
     extra_nbytes: for a rebuilt residual, the bytes of the small values (a mean, say) stored at
       full precision for rebuilding it.
     stacked_by_loop: computed inside a `lax.scan` and stacked over its steps by the loop itself,
@@ -104,7 +116,7 @@ class ResidualInfo:
   def sized_by_policy(self) -> bool:
     """An activation or input whose width the policy chose (none kept it for a reason): what
     `jact.calibrate` probes and sizes."""
-    return self.kept_because == "" and self.source in (ACTIVATION, INPUT)
+    return self.kept_because == "" and self.source in (Source.ACTIVATION, Source.INPUT)
 
 
 def aval_nbytes(aval) -> int:
@@ -161,7 +173,7 @@ class ResidualTable(list):
 
   def activation_nbytes(self, stored: bool = False) -> int:
     """Bytes of compressible residuals (activations and inputs), full or as stored."""
-    return sum(r.stored_nbytes if stored else r.nbytes for r in self if r.source in (ACTIVATION, INPUT, INDEX))
+    return sum(r.stored_nbytes if stored else r.nbytes for r in self if r.source in (Source.ACTIVATION, Source.INPUT, Source.INDEX))
 
   def __str__(self) -> str:
     header = ("name", "shape", "dtype", "source", "bits", "bytes", "stored")

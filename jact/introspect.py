@@ -8,7 +8,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from jact import _context, _jaxpr, transform
+from jact import _context, _jaxpr
+from jact._classify import STORED_MARK
+from jact._plan import analyse, full_precision_options
 from jact.info import ResidualInfo, ResidualTable
 
 
@@ -45,11 +47,10 @@ def residuals(fn: Callable, *args: Any, keep_argnums: Sequence[int] = (), **kwar
     return jax.tree.leaves(fun(*a, **k))
 
   scope = getattr(fun, "__name__", type(fun).__name__)
-  config = transform.full_precision_config()
   with _context.collecting() as regions:
-    plan = transform.analyse(flat, leaves, kept, [f"arg{i}" for i in range(len(leaves))], scope, config)
+    plan = analyse(flat, leaves, kept, [f"arg{i}" for i in range(len(leaves))], scope, full_precision_options())
   jaxpr = plan.fwd.jaxpr
   # Plain JAX stores what it keeps outside compressed calls: nothing there is rebuilt.
   outside = [dataclasses.replace(r.info, recomputed=False) for r in plan.residuals
-             if not _jaxpr.named(jaxpr, r.atom, transform.STORED_MARK)]
+             if not _jaxpr.named(jaxpr, r.atom, STORED_MARK)]
   return ResidualTable([info for region in regions for info in region] + outside)

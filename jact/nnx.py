@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 from flax import nnx
 
-from jact import policies
-from jact.flax import Options, method_scope, with_arg_names
-from jact.transform import DEFAULT_GROUP_SIZE, DEFAULT_MIN_SIZE
+from jact import _options, _wrapping, policies
+from jact._options import Options
 
 
 def is_module(target: Any) -> bool:
@@ -59,7 +58,7 @@ def _compress_function(fn: Callable, options: Options, name: str) -> Callable:
     positions = [i for i in range(len(args)) if i not in node_positions]
     others = [args[i] for i in positions]
     if not node_positions:
-      return options.wrap(fn, name=name, num_state=0, positions=positions)(*others, **kwargs)
+      return _wrapping.wrap(options, fn, name=name, num_state=0, positions=positions)(*others, **kwargs)
     nodes = tuple(args[i] for i in node_positions)
     graphdef, params, state = nnx.split(nodes, nnx.Param, ...)
 
@@ -72,8 +71,8 @@ def _compress_function(fn: Callable, options: Options, name: str) -> Callable:
       _, _, new_state = nnx.split(merged, nnx.Param, ...)
       return out, new_state
 
-    pure = with_arg_names(pure, ("params", "state"), fn, positions)
-    out, new_state = options.wrap(pure, name=name, num_state=2, positions=positions)(
+    pure = _wrapping.with_arg_names(pure, ("params", "state"), fn, positions)
+    out, new_state = _wrapping.wrap(options, pure, name=name, num_state=2, positions=positions)(
         params, state, *others, **kwargs)
     nnx.update(nodes, new_state)
     return out
@@ -81,11 +80,12 @@ def _compress_function(fn: Callable, options: Options, name: str) -> Callable:
   return wrapped
 
 
-def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, *,
-                      static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
-                      min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-                      kernel: str = "auto", recompute: bool = False,
-                      name: str | None = None) -> Callable:
+NNX_NOTES = {"static_argnums": "positional arguments passed as they are; `self` is argument 0 for methods "
+                               "and module classes."}
+
+
+@_options.takes_options(excluded=("keep_argnums",), notes=NNX_NOTES)
+def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, **options: Any) -> Callable:
   """`remat_compress` for a function whose positional arguments may be NNX modules.
 
   Graph nodes among the positional arguments (any `nnx.Pytree`: modules, `nnx.Rngs`,
@@ -95,16 +95,21 @@ def compress_function(fn: Callable, bits: policies.BitsOrPolicy = 2, *,
 
   Args:
     fn: the function, e.g. `lambda model, x: model(x)` or a method of an NNX Module class.
-    bits, static_argnums, group_size, min_size, rounding, kernel, recompute: as in `jact.compress`.
-    name: the scope of residual names (default: `Class` or `Class.method` for a method defined
-      in a class body, else `fn.__name__`).
+    bits: an int width or a policy; `jact.use_policy` overrides it at trace time.
+    {options}
 
   Returns:
-    The compressed function, same signature.
+    The compressed function, same signature. Without a `name`, residual names start with
+    `Class` or `Class.method` for a method defined in a class body, else `fn.__name__`.
   """
-  class_name, suffix = method_scope(fn)
-  return _compress_function(fn, Options.create(bits, static_argnums, group_size, min_size, rounding, kernel, recompute),
-                            name or (class_name + suffix if class_name else fn.__name__))
+  return compress_function_with(fn, Options.create(bits, entry="jact.nnx.compress_function",
+                                                   excluded=("keep_argnums",), **options))
+
+
+def compress_function_with(fn: Callable, options: Options) -> Callable:
+  """`compress_function` with its options already checked."""
+  class_name, suffix = _wrapping.method_scope(fn)
+  return _compress_function(fn, options, options.name or (class_name + suffix if class_name else fn.__name__))
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,10 +121,8 @@ def _compressed_class(module_class: type, options: Options, name: str) -> type:
               pytree=module_class._pytree__is_pytree)
 
 
-def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
-             static_argnums: int | Sequence[int] = (), group_size: int = DEFAULT_GROUP_SIZE,
-             min_size: int = DEFAULT_MIN_SIZE, rounding: str = "stochastic",
-             kernel: str = "auto", recompute: bool = False, name: str | None = None) -> Any:
+@_options.takes_options(excluded=("keep_argnums",), notes=NNX_NOTES)
+def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, **options: Any) -> Any:
   """Compresses the residuals of an NNX module's `__call__`.
 
   Example::
@@ -132,22 +135,25 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, *,
   Args:
     target: an NNX Module class, or an instance (changed in place: its class becomes the
       compressed subclass, its state and identity stay). Without it, returns a decorator.
-    bits, static_argnums, group_size, min_size, rounding, kernel, recompute: as in `jact.compress`; `self` is
-      argument 0 of `static_argnums`.
-    name: the scope of residual names (default: the class name).
+    bits: an int width or a policy; `jact.use_policy` overrides it at trace time.
+    {options}
 
   Returns:
-    The compressed subclass (same name, same attributes), or the instance.
+    The compressed subclass (same name, same attributes), or the instance. Without a `name`,
+    residual names start with the class name.
   """
+  checked = Options.create(bits, entry="jact.nnx.compress", excluded=("keep_argnums",), **options)
   if target is None:
-    return functools.partial(compress, bits=bits, static_argnums=static_argnums,
-                             group_size=group_size, min_size=min_size, rounding=rounding, kernel=kernel,
-                             recompute=recompute, name=name)
+    return functools.partial(compress, **checked.user_options(excluded=("keep_argnums",)))
+  return compress_with(target, checked)
+
+
+def compress_with(target: Any, options: Options) -> Any:
+  """`compress(target, ...)` with its options already checked."""
   if not is_module(target):
     raise TypeError(f"jact.nnx.compress expects a Flax NNX Module class or instance, got {target!r}.")
-  options = Options.create(bits, static_argnums, group_size, min_size, rounding, kernel, recompute)
   module_class = target if inspect.isclass(target) else type(target)
-  compressed_class = _compressed_class(module_class, options, name or module_class.__name__)
+  compressed_class = _compressed_class(module_class, options, options.name or module_class.__name__)
   if inspect.isclass(target):
     return compressed_class
   target.__class__ = compressed_class

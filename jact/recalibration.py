@@ -13,7 +13,7 @@ import operator
 from typing import Any, Callable
 
 from jact import sensitivity
-from jact.sensitivity import Calibrated
+from jact.policies import Calibrated
 
 
 class Recalibration:
@@ -76,9 +76,9 @@ class Recalibration:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
       raise ValueError(f"every={every!r} must be a positive int (a number of steps).")
     try:
-      self._options = sensitivity.Options(**options)
+      self._options = sensitivity.Settings(**options)
     except TypeError as error:
-      fields = [f.name for f in dataclasses.fields(sensitivity.Options)]
+      fields = [f.name for f in dataclasses.fields(sensitivity.Settings)]
       raise TypeError(f"Recalibration got an unknown option ({error}); calibrate's options are {fields}.") from None
     self.every = every
     self.history: list[tuple[int, Calibrated]] = []

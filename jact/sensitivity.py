@@ -43,118 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jact import _context, codec, policies
-from jact.info import ResidualInfo, format_bytes
+from jact import _context, codec
+from jact.info import ResidualInfo
+from jact.policies import Calibrated, CalibratedResidual
 
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 16, 32)
-
-
-# --- the calibrated policy -----------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class CalibratedResidual:
-  """One residual name of a calibrated policy (all traced residuals with that name together).
-
-  Attributes:
-    name: the residual name the policy matches.
-    bits: the width chosen for it.
-    occurrences: how many traced residuals share the name.
-    nbytes: their full-precision bytes.
-    group_size: the codec's group size for them.
-    variance: predicted gradient variance contributed at each width of `codec.SUPPORTED_BITS`.
-    shapes: their shapes.
-    rebuilt_from: the residual it is rebuilt from (`ResidualInfo.rebuilt_from`, see
-      jact._affine): it costs no bytes and shares that residual's width.
-  """
-  name: str
-  bits: int
-  occurrences: int
-  nbytes: int
-  group_size: int
-  variance: tuple[float, ...]
-  shapes: tuple[tuple[int, ...], ...]
-  dtype: str
-  rebuilt_from: str = ""
-
-  def variance_at(self, bits: int) -> float:
-    return self.variance[codec.SUPPORTED_BITS.index(bits)]
-
-  def stored_nbytes_at(self, bits: int) -> int:
-    if self.rebuilt_from:
-      return 0
-    return sum(codec.stored_nbytes(s, self.dtype, bits, self.group_size) for s in self.shapes)
-
-  @property
-  def sensitivity(self) -> float:
-    """Predicted gradient variance at 1 bit: how much this residual's noise matters."""
-    return self.variance_at(1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibrated:
-  """A bit table from `jact.calibrate`: a policy (callable on ResidualInfo), serialisable.
-
-  Residual names that are not in the table get `default` (32: kept as they are).
-  """
-  residuals: tuple[CalibratedResidual, ...]
-  candidates: tuple[int, ...]
-  budget_bytes: int
-  method: str
-  default: int = 32
-
-  def __call__(self, info: ResidualInfo) -> int:
-    return self.bits.get(info.name, self.default)
-
-  @property
-  def bits(self) -> dict[str, int]:
-    return {r.name: r.bits for r in self.residuals}
-
-  @property
-  def predicted_variance(self) -> float:
-    """Predicted gradient variance (sum over residuals) at the chosen widths."""
-    return sum(r.variance_at(r.bits) for r in self.residuals)
-
-  def predicted_variance_at(self, bits: int) -> float:
-    """Predicted gradient variance if every residual were stored at `bits`."""
-    return sum(r.variance_at(bits) for r in self.residuals)
-
-  @property
-  def stored_nbytes(self) -> int:
-    return sum(r.stored_nbytes_at(r.bits) for r in self.residuals)
-
-  @property
-  def average_bits(self) -> float:
-    """Over the residuals that are stored."""
-    elements = sum(math.prod(s) for r in self.residuals if not r.rebuilt_from for s in r.shapes)
-    return 8 * self.stored_nbytes / elements if elements else float("nan")
-
-  def to_data(self) -> dict:
-    return {"residuals": [dataclasses.asdict(r) for r in self.residuals], "candidates": list(self.candidates),
-            "budget_bytes": self.budget_bytes, "method": self.method, "default": self.default}
-
-  @classmethod
-  def from_data(cls, data: dict) -> "Calibrated":
-    residuals = tuple(CalibratedResidual(**{**r, "variance": tuple(r["variance"]),
-                                            "shapes": tuple(tuple(s) for s in r["shapes"])})
-                      for r in data["residuals"])
-    return cls(residuals, tuple(data["candidates"]), data["budget_bytes"], data["method"], data["default"])
-
-  def __str__(self) -> str:
-    header = ("residual", "bits", "sensitivity", "variance", "bytes", "stored")
-    rows = sorted(self.residuals, key=lambda r: -r.sensitivity)
-    table = [(r.name, str(r.bits), f"{r.sensitivity:.3e}", f"{r.variance_at(r.bits):.3e}",
-              format_bytes(r.nbytes), format_bytes(r.stored_nbytes_at(r.bits))) for r in rows]
-    table.append(("total", f"{self.average_bits:.2f} avg", "", f"{self.predicted_variance:.3e}",
-                  format_bytes(sum(r.nbytes for r in self.residuals)), format_bytes(self.stored_nbytes)))
-    widths = [max(len(row[i]) for row in table + [header]) for i in range(len(header))]
-    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-    title = (f"jact.policies.Calibrated: {len(self.residuals)} residual names, method={self.method}, "
-             f"budget {format_bytes(self.budget_bytes)}")
-    return "\n".join([title, line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in table])
-
-
-policies.register_serialisable("calibrated", Calibrated)
-policies.Calibrated = Calibrated
 
 
 # --- the bit allocation --------------------------------------------------------------------------
@@ -341,13 +234,13 @@ def _rounding_error(value: jax.Array, seed: jax.Array, bits: int, group_size: in
   return codec.dequantize(codec.quantize(value, bits, group_size, seed=seed)) - value
 
 
-def _variance_vjp(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
+def _variance_vjp(probed: _Probed, args, values: dict, groups: Groups, options: Settings) -> dict[Key, np.ndarray]:
   zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
   weights = probed.vjp_probes(jax.random.split(jax.random.key(options.seed), options.num_probes), zeros, list(args))
   return _noise_totals(weights, values, groups)
 
 
-def _variance_jvp(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
+def _variance_jvp(probed: _Probed, args, values: dict, groups: Groups, options: Settings) -> dict[Key, np.ndarray]:
   reference = codec.SUPPORTED_BITS.index(2)  # `_rounding_std`'s width; others scale by the codec's noise ratio
   zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
   sigma = {k: _rounding_std(values[k], g) for k, g in groups}
@@ -359,7 +252,7 @@ def _variance_jvp(probed: _Probed, args, values: dict, groups: Groups, options: 
           for k, total in zip(sorted(values), squared.mean(axis=1))}
 
 
-def _variance_gact(probed: _Probed, args, values: dict, groups: Groups, options: Options) -> dict[Key, np.ndarray]:
+def _variance_gact(probed: _Probed, args, values: dict, groups: Groups, options: Settings) -> dict[Key, np.ndarray]:
   zeros = {k: jnp.zeros_like(v) for k, v in values.items()}
   seeds = np.random.default_rng(options.seed).integers(0, 2**31, size=(len(values), 3), dtype=np.uint32)
   constants = {}
@@ -377,7 +270,7 @@ METHODS = tuple(_ESTIMATORS)
 # --- calibrate -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Settings:
   """How `calibrate` measures and allocates; checked when made (see `calibrate` for each field)."""
   avg_bits: float | None = None
   budget_bytes: int | None = None
@@ -445,11 +338,11 @@ def calibrate(loss_fn: Callable, *args: Any, avg_bits: float | None = None, budg
   Returns:
     A `jact.policies.Calibrated` policy.
   """
-  options = Options(avg_bits, budget_bytes, candidates, method, num_probes, seed, progress)
+  options = Settings(avg_bits, budget_bytes, candidates, method, num_probes, seed, progress)
   return calibrate_with(_Probed(loss_fn, kwargs, argnums, has_aux), args, options)
 
 
-def calibrate_with(probed: _Probed, args: Sequence[Any], options: Options) -> Calibrated:
+def calibrate_with(probed: _Probed, args: Sequence[Any], options: Settings) -> Calibrated:
   """`calibrate` on `args` with a prepared `_Probed` (whose compilations it reuses)."""
   values, infos = probed.residuals(args)
   groups = tuple((k, infos[k[0]].group_size) for k in values)

@@ -1,4 +1,4 @@
-"""Residuals that are affine functions of one another are stored once (jact._affine)."""
+"""Residuals that are affine functions of one another are stored once (jact.rewrites.affine)."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import jact
-from jact import _affine, _jaxpr
+from jact import _jaxpr
+from jact.rewrites import affine as _affine
 from tree_math import relative_error
 
 CHANNELS = 256
@@ -90,7 +91,7 @@ def test_8_bits_gradient_is_close():
 
 
 def rebuilt_members(fun, *args):
-  """Rebuilds every residual of `fun` that jact._affine groups from the exact value of its
+  """Rebuilds every residual of `fun` that jact.rewrites.affine groups from the exact value of its
   representative, as the backward pass does from the decoded value; returns (rebuilt, forward)."""
   def forward(*xs):
     outs, vjp_fn = jax.vjp(fun, *xs)

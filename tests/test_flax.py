@@ -12,7 +12,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import jact
-import jact.flax  # noqa: F401  (makes jact.flax available)
+
 from tree_math import relative_error, tree_norm
 
 BATCH, SIDE, CHANNELS, CLASSES = 4, 8, 8, 10
@@ -64,7 +64,7 @@ def _compression(bits, **options):
   """A decorator compressing at `bits` with every compressible residual eligible; None: none."""
   if bits is None:
     return lambda target: target
-  return jact.flax.compress(bits=bits, min_size=1024, **options)
+  return jact.compress(bits=bits, min_size=1024, **options)
 
 
 def make_linen_net(bits=None):
@@ -83,7 +83,7 @@ def make_linen_net(bits=None):
     def __call__(self, x):
       return nn.Dense(CLASSES)(nn.gelu(nn.Dense(32)(x.mean(axis=1))))
 
-  block = ConvBlock if bits is None else jact.flax.compressed(ConvBlock, bits, static_argnums=2, min_size=1024)
+  block = ConvBlock if bits is None else jact.compressed(ConvBlock, bits, static_argnums=2, min_size=1024)
 
   class Net(nn.Module):
     @nn.compact
@@ -219,7 +219,7 @@ def test_composes_with_linen_transforms(compose):
   loss = lambda model: lambda v: jnp.sum(model.apply(v, x)[0] ** 2)
   expected = jax.grad(loss(baseline))(variables)
   for bits, rtol in ((32, FLOAT32_RTOL), (8, 3 * 2 * EPS_8)):  # 3 layers, 2 compressed residuals each
-    model = compose(jact.flax.compressed(Layer, bits, min_size=0))()
+    model = compose(jact.compressed(Layer, bits, min_size=0))()
     assert jax.tree.structure(model.init(jax.random.key(1), x)) == jax.tree.structure(variables)
     assert relative_error(jax.grad(loss(model))(variables), expected) <= rtol
 
@@ -259,7 +259,7 @@ def test_remat_inside_compressed():
   x = jax.random.normal(jax.random.key(0), (8, 16))
   baseline = nn.remat(Layer)()
   variables = baseline.init(jax.random.key(1), x)
-  model = jact.flax.compressed(nn.remat(Layer), 32)()
+  model = jact.compressed(nn.remat(Layer), 32)()
   loss = lambda model: lambda v: jnp.sum(model.apply(v, x)[0] ** 2)
   _assert_trees_close(jax.grad(loss(model))(variables), jax.grad(loss(baseline))(variables),
                       FLOAT32_RTOL)
@@ -366,7 +366,7 @@ def test_nnx_8_bits_gradients_within_codec_bound(nnx_baseline):
 
 def test_nnx_eager_call_updates_state_as_uncompressed():
   images = _batch()[0]
-  block, compressed = NnxConvBlock(nnx.Rngs(0)), jact.flax.compress(NnxConvBlock(nnx.Rngs(0)), bits=8)
+  block, compressed = NnxConvBlock(nnx.Rngs(0)), jact.compress(NnxConvBlock(nnx.Rngs(0)), bits=8)
   np.testing.assert_allclose(compressed(images), block(images), rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL)
   _assert_trees_close(nnx.state(compressed, nnx.BatchStat), nnx.state(block, nnx.BatchStat),
                       FLOAT32_RTOL)
@@ -375,7 +375,7 @@ def test_nnx_eager_call_updates_state_as_uncompressed():
 
 def test_nnx_instance_is_compressed_in_place():
   block = NnxConvBlock(nnx.Rngs(0))
-  assert jact.flax.compress(block, bits=4) is block
+  assert jact.compress(block, bits=4) is block
   assert type(block).__name__ == "NnxConvBlock" and isinstance(block, NnxConvBlock)
 
 
@@ -411,7 +411,7 @@ class DenseRelu(nn.Module):
 
 
 def _linen_mlp(bits):
-  layer = DenseRelu if bits is None else jact.flax.compressed(DenseRelu, bits)
+  layer = DenseRelu if bits is None else jact.compressed(DenseRelu, bits)
 
   class MLP(nn.Module):
     @nn.compact
@@ -439,7 +439,7 @@ def _train_linen(bits, params, train, test) -> float:
 class NnxMLP(nnx.Module):
   def __init__(self, bits, rngs):
     layer = lambda n_in: nnx.Sequential(nnx.Linear(n_in, HIDDEN, rngs=rngs), nnx.relu)
-    maybe = (lambda m: m) if bits is None else jact.flax.compress(bits=bits)
+    maybe = (lambda m: m) if bits is None else jact.compress(bits=bits)
     self.hidden = nnx.List([maybe(layer(64)), maybe(layer(HIDDEN))])
     self.out = nnx.Linear(HIDDEN, CLASSES, rngs=rngs)
 
@@ -480,7 +480,7 @@ def test_compress_function_is_remat_compress():
   x = jax.random.normal(jax.random.key(0), (16, 64))
   w = jax.random.normal(jax.random.key(1), (64, 64))
   f = lambda x, w: jnp.sum(jnp.tanh(x @ w) ** 2)
-  compressed = jact.flax.compress(f, bits=8, min_size=0)
+  compressed = jact.compress(f, bits=8, min_size=0)
   reference = jact.remat_compress(f, bits=8, min_size=0)
   for actual, expected in zip(jax.grad(compressed, argnums=(0, 1))(x, w),
                               jax.grad(reference, argnums=(0, 1))(x, w)):
@@ -490,14 +490,14 @@ def test_compress_function_is_remat_compress():
 @pytest.mark.parametrize("target", [42, "Block", nn.Dense(3), jnp.ones(3)])
 def test_compress_rejects_what_it_cannot_compress(target):
   with pytest.raises(TypeError, match="jact.compress"):
-    jact.flax.compress(target, bits=2)
+    jact.compress(target, bits=2)
 
 
 def test_compressed_rejects_non_linen_targets():
   with pytest.raises(TypeError, match="instance"):
-    jact.flax.compressed(nn.Dense(3), bits=2)
+    jact.compressed(nn.Dense(3), bits=2)
   with pytest.raises(TypeError, match="linen Module class"):
-    jact.flax.compressed(NnxConvBlock, bits=2)
+    jact.compressed(NnxConvBlock, bits=2)
 
 
 def test_unsupported_policy_bits_surface_with_residual_name(linen_setup):
@@ -507,11 +507,11 @@ def test_unsupported_policy_bits_surface_with_residual_name(linen_setup):
     jax.grad(lambda p: _linen_loss(model)(p, variables["batch_stats"], *batch, jax.random.key(7))[0])(
         variables["params"])
   with pytest.raises(ValueError, match="bits=3"):
-    jact.flax.compress(nn.Dense, bits=3)
+    jact.compress(nn.Dense, bits=3)
 
 
 def test_static_argnums_naming_the_module_is_an_error():
   x = jnp.ones((2, 4))
-  model = jact.flax.compressed(Layer, 8, static_argnums=0)()
+  model = jact.compressed(Layer, 8, static_argnums=0)()
   with pytest.raises(ValueError, match="static_argnums"):
     model.init(jax.random.key(0), x)

@@ -4,7 +4,7 @@ The property is exact equality, not a tolerance: the kernels exist to be a faste
 same bits, so payload, lo, hi and decoded values are compared bit for bit (a NaN is compared as
 "NaN here too", since XLA does not specify NaN payloads). Kernels run in Pallas' interpret mode on
 CPU; `test_kernels_lower_to_triton_for_gpu` checks that they also lower for a GPU, without one.
-benchmarks/gpu_kernels.py checks the same property compiled on a GPU.
+benchmarks/gpu/kernels.py checks the same property compiled on a GPU.
 """
 
 import jax
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jact import codec
-from jact.kernels import bitwise, dequantize_pallas, formulas, quantize_pallas, supports
+from jact.codec import formulas
+from jact.kernels import bitwise, dequantize_pallas, quantize_pallas, supports
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 BITS = [1, 2, 4, 8]
@@ -76,7 +77,7 @@ def test_vmap_matches_reference():
 
 def test_nan_groups_decode_non_finite_at_large_group_size():
   # The codec's contract, checked on the kernel alone: XLA:CPU's row-wise min/max of an (8, 512)
-  # or wider float32 array drops NaN, so the jnp reference misses it there (see jact/kernels/formulas.py).
+  # or wider float32 array drops NaN, so the jnp reference misses it there (see jact/codec/formulas.py).
   x = np.ones((8, 1024), np.float32)
   x[2, 5] = np.nan
   q = quantize_pallas(jnp.asarray(x), 2, 1024, interpret=True)

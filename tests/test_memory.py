@@ -8,29 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import jact
-
-WIDTH = BATCH = 1024
-DEPTH = 16
-
-
-def layer(x, w):
-  return jax.nn.gelu(x @ w)
-
-
-def mlp_loss(f):
-  def loss(ws, x):
-    for w in ws:
-      x = f(x, w)
-    return jnp.mean(x**2)
-  return loss
-
-
-def abstract_inputs():
-  return [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)] * DEPTH, jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32)
-
-
-def wrapped(bits):
-  return layer if bits is None else jact.remat_compress(layer, bits=bits, keep_argnums=(1,))
+from jact.models.mlp import BATCH, DEPTH, WIDTH, abstract_inputs, layer, lowered, mlp_loss, wrapped
 
 
 @functools.lru_cache()
@@ -56,12 +34,6 @@ def test_memory_compiled_reports_all_fields():
   assert m.argument == (DEPTH * WIDTH * WIDTH + BATCH * WIDTH) * 4
   assert DEPTH * WIDTH * WIDTH * 4 <= m.output < DEPTH * WIDTH * WIDTH * 4 + 4096  # weight gradients
   assert m.peak == m.argument + m.output - m.alias + m.temp and "temp" in str(m)
-
-
-def lowered(bits, depth=DEPTH):
-  """The gradient step of the first `depth` layers, lowered for XLA (nothing compiled yet)."""
-  ws, x = abstract_inputs()
-  return jax.jit(jax.grad(mlp_loss(wrapped(bits)))).lower(ws[:depth], x)
 
 
 def compiled_hlo(bits, depth=DEPTH) -> str:
@@ -147,19 +119,31 @@ def test_backward_pass_restores_one_layer_at_a_time():
   assert temp <= stored + 2.25 * buffer, ((temp - stored) / buffer)
 
 
-def test_where_memory_goes_reads_what_xla_keeps_alive(tmp_path):
-  """benchmarks/where_memory_goes.py reads XLA's buffer assignment: at the product of sin(x) and
-  cos(x) both operands are alive, and what is alive fits in the compiled scratch block. (Summed,
-  XLA fuses the whole step into one kernel and needs no scratch block at all.)"""
-  import pathlib
-  import sys
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-  import where_memory_goes
-
+def test_alive_at_peak_reads_what_xla_keeps_alive(tmp_path):
+  """jact.memory.alive_at_peak reads XLA's buffer assignment: at the product of sin(x) and cos(x)
+  both operands are alive, and what is alive fits in the compiled scratch block. (Summed, XLA
+  fuses the whole step into one kernel and needs no scratch block at all.)"""
   x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
   step = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x))
-  compiled = step.lower(x).compile(compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
-  report = where_memory_goes.alive_at_peak(str(tmp_path))
-  assert report["temp"] == compiled.memory_analysis().temp_size_in_bytes
-  assert 2 * 256 * 256 * 4 <= report["alive"] <= report["temp"]
-  assert report["alive"] == sum(size for size, *_ in report["buffers"])
+  compiled = step.lower(x).compile(compiler_options=jact.memory.dump_options(tmp_path))
+  report = jact.memory.alive_at_peak(tmp_path)
+  assert report.temp == compiled.memory_analysis().temp_size_in_bytes
+  assert 2 * 256 * 256 * 4 <= report.alive <= report.temp
+  assert report.alive == sum(buffer.size for buffer in report.buffers)
+
+
+def test_at_peak_names_the_operations_that_made_each_buffer():
+  """jact.memory.at_peak compiles a step with the dumps on and reads them: the buffers alive at
+  the product carry the JAX name scopes of the operations that made them."""
+  def step(x):
+    with jax.named_scope("first"):
+      a = jnp.sin(x)
+    with jax.named_scope("second"):
+      b = jnp.cos(x)
+    return a @ b
+
+  x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+  report = jact.memory.at_peak(step, x)
+  assert report.temp == jact.memory.compiled(step, x).temp
+  made_by = " ".join(report.made_by(buffer) for buffer in report.buffers)
+  assert "first" in made_by and "second" in made_by, made_by

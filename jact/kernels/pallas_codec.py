@@ -37,10 +37,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# `codec` is used inside functions only: `jact.codec` may import `jact.kernels.formulas`, which
-# runs this module while `jact.codec` is still half-initialised.
-from jact import codec, hashing
-from jact.kernels import formulas
+from jact import codec
+from jact.codec import formulas, hashing
 
 KERNEL_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 # Values per program: 16 groups of 256; at 8 warps each thread holds 16 of them in registers,

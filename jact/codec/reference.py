@@ -1,7 +1,7 @@
 """The codec: per-group affine quantisation with stochastic rounding, packed into bytes.
 
 This is the pure jax.numpy reference; `jact.kernels` holds the fused Pallas version, which
-produces bit-identical codes.
+produces bit-identical codes, and `jact.quantization` chooses between the two.
 
 Grouping. A group is `group_size` consecutive elements in row-major order. The array is viewed
 as `shape[:lead] + (cols,)`, where `cols` is the product of the fewest trailing axes whose size is
@@ -40,13 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jact import hashing
-from jact.kernels import formulas  # the arithmetic shared with the Pallas kernels
+from jact.codec import formulas, hashing  # formulas: the arithmetic shared with the Pallas kernels
 
 PACKED_BITS = (1, 2, 4, 8)
 SUPPORTED_BITS = PACKED_BITS + (16, 32)
 ROUNDINGS = ("stochastic", "nearest")
-KERNELS = ("auto", "pallas", "xla")
 FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 GROUP_SIZE_QUANTUM = 64  # group_size must be a multiple: one byte at 1 bit, room for a float64
 METADATA_BITS_PER_GROUP = 32  # (lo, hi) in bfloat16
@@ -232,24 +230,8 @@ def _bytes_value(payload: jax.Array, dtype) -> jax.Array:
   return jax.lax.bitcast_convert_type(payload[..., :jnp.dtype(dtype).itemsize], dtype)
 
 
-def check_kernel(kernel: Any) -> str:
-  if kernel not in KERNELS:
-    raise ValueError(f"kernel={kernel!r} is not supported; use one of {KERNELS}.")
-  return kernel
-
-
-def _use_pallas(kernel: str, dtype, bits: int, group_size: int) -> bool:
-  """Whether to run the fused Pallas kernel: always for "pallas", on a GPU when it applies for "auto"."""
-  if check_kernel(kernel) == "xla":
-    return False
-  from jact import kernels  # imported lazily: it imports this module
-  if kernel == "pallas":
-    return True
-  return jax.default_backend() == "gpu" and kernels.supports(dtype, bits, group_size)
-
-
 def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str = "stochastic",
-             seed: int | jax.Array = 0, kernel: str = "auto") -> QuantizedArray:
+             seed: int | jax.Array = 0) -> QuantizedArray:
   """Compresses a float array to `bits` per value.
 
   Args:
@@ -260,9 +242,6 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
       error, biased).
     seed: int or uint32 scalar (may be traced) selecting the stochastic rounding noise. The same
       seed and input give bitwise identical codes; different seeds give independent noise.
-    kernel: "auto" (the fused Pallas kernel on GPU, this jax.numpy code elsewhere), "pallas"
-      (Pallas everywhere, interpreted off GPU; float16/bfloat16/float32, power-of-two group
-      sizes) or "xla" (this code). Both produce the same bits.
 
   Returns:
     A `QuantizedArray` whose `nbytes` is `n * bits / 8` plus 4 bytes per group.
@@ -277,9 +256,6 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
     return QuantizedArray(x, None, None, shape, dtype, bits, group_size)
   if bits == 16:
     return QuantizedArray(x.astype(jnp.bfloat16), None, None, shape, dtype, bits, group_size)
-  if _use_pallas(kernel, dtype, bits, group_size):
-    from jact import kernels
-    return kernels.quantize_pallas(x, bits, group_size, rounding, seed)
   try:
     payload, lo, hi = _quantize_packed(x, jnp.asarray(seed, jnp.uint32), bits, group_size, rounding)
   except Exception as error:
@@ -372,10 +348,8 @@ def rounding_variance(x: jax.Array, bits: int, group_size: int = 256) -> jax.Arr
   return layout.from_groups(variance)
 
 
-def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
+def dequantize(q: QuantizedArray) -> jax.Array:
   """Restores an array of `q.shape` and `q.dtype` from a `QuantizedArray`.
-
-  `kernel` chooses the implementation as in `quantize`; any of them decodes any codes.
 
   Leading axes that the leaves carry beyond the stored layout (from `vmap` over `quantize`) are
   treated as batch axes and kept in front.
@@ -386,9 +360,6 @@ def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
     return q.payload
   if q.bits == 16:
     return q.payload.astype(q.dtype)
-  if _use_pallas(kernel, q.dtype, q.bits, q.group_size):
-    from jact import kernels
-    return kernels.dequantize_pallas(q)
   return _dequantize_packed(q.payload, q.lo, q.hi, q.shape, jnp.dtype(q.dtype), q.bits, q.group_size)
 
 

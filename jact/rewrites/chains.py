@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jact import _jaxpr, _pooling
+from jact import _jaxpr
 
 ELEMENTWISE = frozenset("""
 neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan
@@ -146,29 +146,3 @@ def rewrite(jaxpr, chain: Chain, index: int):
     return outs, [d * t for d in derivatives]
 
   return fused
-
-
-def eval_jaxpr(jaxpr, chains: Sequence[Chain], consts: Sequence[Any], *args,
-               rules: dict | None = None) -> list[Any]:
-  """Evaluates `jaxpr` with each chain, and each max-pooling (`_pooling`), rewritten; `rules`
-  maps equation indices to functions that replace them (input values -> output values)."""
-  rules = rules or {}
-  env = _jaxpr.bind_inputs(jaxpr, consts, args)
-  start = {c.members[0]: (k, c) for k, c in enumerate(chains)}
-  replaced = {i for c in chains for i in c.members}
-  for i, eqn in enumerate(jaxpr.eqns):
-    if i in start:
-      k, chain = start[i]
-      for var, value in zip(chain.outputs, rewrite(jaxpr, chain, k)(env.read(chain.source))):
-        env.write(var, value)
-    if i in replaced:
-      continue
-    if i in rules:
-      for var, value in zip(eqn.outvars, rules[i]([env.read(v) for v in eqn.invars])):
-        env.write(var, value)
-    elif _pooling.applies(eqn):
-      env.write(eqn.outvars[0], _pooling.rewrite(eqn)(env.read(eqn.invars[0])))
-    else:
-      for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, [env.read(v) for v in eqn.invars])):
-        env.write(var, value)
-  return [env.read(v) for v in jaxpr.outvars]

@@ -1,0 +1,195 @@
+"""The custom_vjp of a compressed call, and the cache that shares it between identical calls.
+
+A `Traced` holds everything shared by the calls that trace to the same function: its jaxpr, the
+chains rewritten in it, the loops compressed step by step, and one `Plan` per input signature.
+Its `core` is the `jax.custom_vjp` that every call goes through: the forward rule runs the plan's
+forward interpreter (which stores the residuals compressed), the backward rule its backward
+interpreter. While `jact.calibrate` probes, calls go through `jact._probing`'s rules instead.
+
+The custom_vjp closes over no tracer (constants and closed-over values arrive as arguments), so
+`traced_for` can serve a `Traced` to every later call whose function has the same structure: the
+16 identical layers of a deep network are analysed once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jact import _context, _jaxpr, _loops, _probing, _schedule
+from jact._classify import InputKind
+from jact._options import Options
+from jact._plan import Plan, build_plan
+from jact.info import ResidualTable
+from jact.rewrites import chains as chains_lib
+from jact.rewrites.evaluate import evaluate
+
+
+class Traced:
+  """The compressed form of one traced function (see the module docstring)."""
+
+  def __init__(self, fun_jaxpr, num_consts: int, kinds: Sequence[InputKind], labels: Sequence[str],
+               scope: str, options: Options):
+    self.fun_jaxpr, self.num_consts, self.scope, self.options = fun_jaxpr, num_consts, scope, options
+    self.chains = chains_lib.find_chains(fun_jaxpr)
+    self.own_kinds = list(kinds)
+    # Loops whose residuals the loop itself would stack at full precision run with their body
+    # compressed on its own, once a plan has found such residuals (`loop_rules`: those in use).
+    self.candidate_loop_rules = _loops.loop_rules(fun_jaxpr, kinds, scope, options, traced_for)
+    self.loop_rules: dict[int, Callable] = {}
+    # A function with such loops takes the call's seed as its first input, for the loops' bodies:
+    # without it, calls with different `rng`s would round the bodies' residuals alike.
+    self.takes_seed = bool(self.candidate_loop_rules)
+    self.kinds = [InputKind.INDEX, *kinds] if self.takes_seed else list(kinds)
+    self.labels = ["seed", *labels] if self.takes_seed else list(labels)
+    self.plans: dict[tuple, Plan] = {}
+    self.last_plan: Plan | None = None  # the last one built or served outside calibration
+    self.core = jax.custom_vjp(self.primal)
+    self.core.defvjp(self.forward, self.backward)
+    self.probing = _probing.ProbingRules(self)
+
+  # --- the function and its inputs ---
+
+  def pure(self, *inputs) -> list[Any]:
+    """The traced function with its rewrites: chains, pooling and the loops in use."""
+    seed, inputs = (inputs[0], inputs[1:]) if self.takes_seed else (None, inputs)
+    # (While calibrate probes, every such loop runs with its body's residuals exposed by name.)
+    active = self.candidate_loop_rules if _context.current().probe is not None else self.loop_rules
+    rules = {i: (lambda invals, rule=rule: rule(seed, invals)) for i, rule in active.items()}
+    return evaluate(self.fun_jaxpr, self.chains, inputs[:self.num_consts], *inputs[self.num_consts:], rules=rules)
+
+  def with_seed(self, seed, inputs) -> list[Any]:
+    """The inputs of `pure` and of the plans."""
+    return [seed, *inputs] if self.takes_seed else list(inputs)
+
+  def own_gradients(self, grads):
+    """Cotangents of the call's inputs, without the seed's."""
+    return grads[1:] if self.takes_seed else grads
+
+  # --- plans ---
+
+  def plan_for(self, inputs) -> Plan:
+    """The plan for these inputs' types, built at the first call that has them."""
+    # (While calibrate probes, loops run with their bodies' residuals exposed: see _probing.)
+    probing = _context.current().probe is not None
+    key = (tuple(jax.typeof(x) for x in inputs), probing)
+    if key not in self.plans:
+      # Compressed calls nested in this one are traced here only to find this call's residuals.
+      with _context.collecting_nothing():
+        plan = self._build(inputs)
+        if not probing and self.candidate_loop_rules and not self.loop_rules:
+          plan = self._with_loops_compressed(plan, inputs)
+      if not probing:
+        _loops.warn_of_loop_stacks(self.scope, _loops.stacked_by_loops(plan.infos))
+        if self.loop_rules:
+          plan.table = _loops.table_with_loop_bodies(plan.infos, list(self.loop_rules.values()))
+      self.plans[key] = plan
+    if not probing:
+      self.last_plan = self.plans[key]
+    return self.plans[key]
+
+  def _build(self, inputs) -> Plan:
+    return build_plan(self.pure, inputs, self.kinds, self.labels, self.scope, self.options)
+
+  def _with_loops_compressed(self, plan: Plan, inputs) -> Plan:
+    """`plan`, or a plan with the loops run with their bodies compressed on their own.
+
+    That is kept when loops stack activations and nothing compressed is stacked any more, if
+    something was (the bodies may store less by rebuilding what they stacked) or the bodies
+    compress something (a policy from jact.calibrate names the bodies' residuals, not the
+    stacked ones).
+    """
+    if not _loops.stacked_activations(plan.infos):
+      return plan
+    stacked = _loops.stacked_by_loops(plan.infos)
+    self.loop_rules = self.candidate_loop_rules
+    rewritten = self._build(inputs)
+    if stacked and _loops.bodies_unsized(self.loop_rules):
+      # The policy names the residuals only as the loops stack them (written so by hand, or
+      # calibrated by an older jact): the bodies get the finest width it gives those.
+      width = max(r.bits for r in stacked)
+      body_options = dataclasses.replace(self.options, policy=_loops.LoopBodyWidth(self.options.policy, width))
+      self.loop_rules = _loops.loop_rules(self.fun_jaxpr, self.own_kinds, self.scope, body_options, traced_for)
+      rewritten = self._build(inputs)
+    if _loops.stacked_by_loops(rewritten.infos) or not (stacked or _loops.bodies_compress(self.loop_rules)):
+      self.loop_rules = {}  # the loops run as they are
+      return plan
+    self.plans = {k: p for k, p in self.plans.items() if k[1]}  # traced without them
+    return rewritten
+
+  # --- the custom_vjp ---
+
+  def primal(self, seed, *inputs):
+    return self.pure(*self.with_seed(seed, inputs))
+
+  def forward(self, seed, *inputs):
+    inputs = self.with_seed(seed, inputs)
+    plan = self.plan_for(inputs)
+    regions = _context.current().regions
+    outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
+    if regions is not None:
+      regions.append(ResidualTable(plan.infos if plan.table is None else plan.table))
+    # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
+    return outs, _schedule.Stored(_schedule.marked(plan, stored, by_reference=regions is None), plan)
+
+  def backward(self, res: _schedule.Stored, cts):
+    grads = _schedule.rule(res.plan, "backward", self.options)(res.arrays, list(cts))
+    return (np.zeros((), jax.dtypes.float0), *self.own_gradients(grads))
+
+  def call(self, seed, inputs) -> list[Any]:
+    """Runs the call: through `core`, or while calibrate probes through the probing rules."""
+    if _context.current().probe is None:
+      return self.core(seed, *inputs)
+    return self.probing.call(seed, inputs)
+
+  def call_exposing(self, seed, inputs) -> list[Any]:
+    """A loop body's call while calibrate probes (see `jact._probing`)."""
+    return self.probing.exposed(seed, *inputs)
+
+
+# --- the cache ---------------------------------------------------------------------------------
+
+_TRACED: dict[tuple, Traced] = {}
+_TRACED_CAPACITY = 256
+
+
+def traced_for(fun_jaxpr, num_consts: int, kinds: Sequence[InputKind], labels: Sequence[str], scope: str,
+               options: Options) -> Traced:
+  """The `Traced` of a function, shared with every earlier call of the same structure."""
+  key = (_structure(fun_jaxpr), num_consts, tuple(kinds), tuple(labels), scope, options)
+  try:
+    entry = _TRACED.get(key)
+  except TypeError:  # an unhashable policy: no sharing
+    return Traced(fun_jaxpr, num_consts, kinds, labels, scope, options)
+  if entry is None:
+    if len(_TRACED) >= _TRACED_CAPACITY:
+      _TRACED.pop(next(iter(_TRACED)))
+    entry = _TRACED[key] = Traced(fun_jaxpr, num_consts, kinds, labels, scope, options)
+  return entry
+
+
+def clear_cache() -> None:
+  """Forgets every shared `Traced` (and so its plans and compiled rules)."""
+  _TRACED.clear()
+
+
+def _structure(jaxpr) -> tuple:
+  """A key equal for jaxprs that compute the same thing: their text, the name scopes of their
+  equations and the identity of any functions in their parameters (custom_jvp rules and the like)."""
+  parts: list = [str(jaxpr)]
+
+  def walk(j):
+    for eqn in j.eqns:
+      parts.append(tuple(_jaxpr.scope_names(eqn)))
+      for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          walk(inner)
+        elif callable(value):
+          parts.append(id(value))
+
+  walk(jaxpr)
+  return tuple(parts)
