@@ -3,6 +3,9 @@
 PYTHON ?= $(shell .ci/find-python)
 VENV := .venv
 INSTALLED := $(VENV)/.installed
+# The dev extra installs JAX's CUDA plugin (to compile for GPU targets without a GPU); without a
+# GPU, JAX would try to start CUDA and print an error before falling back to the CPU.
+export JAX_PLATFORMS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo cpu)
 
 .PHONY: demo test clean
 
@@ -16,7 +19,7 @@ demo: $(INSTALLED)
 	$(VENV)/bin/jact demo
 
 test: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -n 2 -q
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -n 2 -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -45,9 +45,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, jact not installed
-import jact  # noqa: E402
-from jact.models import graphs, tasks, training  # noqa: E402
+import jact
+from jact.models import graphs, tasks, training
 
 TARGETS = {"calibrated avg 4": 0.3, "uniform 2": 1.0}
 """Largest accepted drop of the mean metric below full precision, in points."""

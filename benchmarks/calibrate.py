@@ -45,10 +45,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, jact not installed
-import jact  # noqa: E402
-from jact.info import format_bytes  # noqa: E402
-from jact.models import get_model, small, training  # noqa: E402
+import jact
+from jact.info import format_bytes
+from jact.models import get_model, small, training
 
 PARTS = ("prediction", "allocation", "cost")
 AVG_BITS = 2.0

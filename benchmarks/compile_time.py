@@ -1,14 +1,14 @@
 """XLA compile seconds of a compressed gradient step against the uncompressed one, by depth.
 
-  python benchmarks/compile_time.py                     # the 16-layer MLP of tests/test_memory.py, and depths 1-32
+  python benchmarks/compile_time.py                     # the MLP of tests/test_memory.py, depths 1-32
   python benchmarks/compile_time.py --depths 16 --repeats 5
 
-The step is `jax.grad` of the MLP (1024 wide, batch 1024, GELU, every layer wrapped by
-`jact.remat_compress`), lowered and compiled `--repeats` times, variants interleaved, the best
-compile time kept (the machine is shared; compile times wander). A straight line
-through the seconds by depth separates what each layer costs from what the step costs once: XLA
-compiles each distinct kernel once however many identical layers use it, so the codec's own
-kernels are a fixed cost. Writes a markdown table and JSON to --out.
+The step is `jax.grad` of the MLP of `jact.models.mlp` (1024 wide, batch 1024, GELU, every layer
+wrapped by `jact.remat_compress`), lowered and compiled `--repeats` times, variants interleaved,
+the best compile time kept (the machine is shared; compile times wander). A straight line through
+the seconds by depth separates what each layer costs from what the step costs once: XLA compiles
+each distinct kernel once however many identical layers use it, so the codec's own kernels are a
+fixed cost. Writes a markdown table and JSON to --out.
 """
 
 from __future__ import annotations
@@ -16,23 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import jact
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from test_memory import BATCH, WIDTH, layer, mlp_loss  # noqa: E402  (the MLP the issue names)
-
-
-def lowered(bits: int | None, depth: int):
-  f = layer if bits is None else jact.remat_compress(layer, bits=bits, keep_argnums=(1,))
-  ws = [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)] * depth
-  return jax.jit(jax.grad(mlp_loss(f))).lower(ws, jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32))
+from jact.models.mlp import lowered  # the MLP of tests/test_memory.py, by depth
 
 
 def best_compile_seconds(variants: dict[str, int | None], depth: int, repeats: int) -> dict[str, float]:

@@ -16,16 +16,13 @@ import argparse
 import functools
 import json
 import pathlib
-import sys
 
 import jax
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import variants as V  # noqa: E402
-
-import jact  # noqa: E402
-from jact.models import training  # noqa: E402
+import jact
+from jact.models import training
+from jact.models import variants as V
 
 GiB = 2**30
 

@@ -4,7 +4,7 @@
   python benchmarks/memory.py --models resnet50 --variants baseline checkpoint 2
   python benchmarks/memory.py --small               # tiny models, a quick check
 
-For each model at the paper's size and each variant (see variants.py): the residual bytes that
+For each model at the paper's size and each variant (see jact.models.variants): the residual bytes that
 the forward pass hands to the backward pass (parameters excluded), XLA's compiled temp bytes of
 the gradient step (forward and backward; abstract shapes, so nothing runs), the ratio to the
 baseline, and temp bytes per sample. Writes a markdown table, JSON and a plot to --out.
@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 import jax
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import variants as V  # noqa: E402
-
-import jact  # noqa: E402
-from jact.info import format_bytes  # noqa: E402
+import jact
+from jact.info import format_bytes
+from jact.models import variants as V
 
 
 def measure(model: str, variant: V.Variant, batch: int, size: str) -> dict:

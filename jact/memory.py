@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
+from jact import targets
 from jact.info import format_bytes
 
 
@@ -57,21 +58,28 @@ class CompiledMemory:
             f"peak {format_bytes(self.peak)}")
 
 
-def compiled(fn: Callable, *args: Any, **kwargs: Any) -> CompiledMemory:
+def compiled(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> CompiledMemory:
   """Compiles `fn` for these arguments and returns its memory analysis.
 
   Args:
     fn: a function, or an already jitted one (its own `static_argnums`, shardings and donation are
       then used).
     *args, **kwargs: arrays or `jax.ShapeDtypeStruct`s (no data is needed).
+    target: "cpu" (this process's default backend), "h100" or "h200" (XLA:GPU compiling for that
+      card without one: the figure that decides whether a batch fits there; needs
+      `pip install 'jax-act[gpu-compile]'`, see `jact.targets`), or another GPU's target
+      description (its text, or a path to a `.txtpb` file).
 
   Returns:
     A `CompiledMemory`; `temp` is the figure that falls when residuals are compressed.
   """
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-  analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+  if target == "cpu":
+    analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+  else:
+    analysis = targets.compile_for(jitted, target, *args, **kwargs).memory_analysis()
   if analysis is None:
-    raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis for this executable.")
+    raise RuntimeError(f"the {target} compiler reports no memory analysis for this executable.")
   return CompiledMemory(temp=int(analysis.temp_size_in_bytes),
                         argument=int(analysis.argument_size_in_bytes),
                         output=int(analysis.output_size_in_bytes),

@@ -1,13 +1,19 @@
 """`jact.quantize` and `jact.dequantize`: the codec, run by the fused Pallas kernels or the reference.
 
 Both implementations produce the same bits (`jact.kernels` shares its arithmetic with
-`jact.codec`), so the choice is one of speed and memory only. Pallas is imported only when a
-kernel is chosen: on a CPU-only machine `import jact` never loads it.
+`jact.codec`), so the choice is one of speed and memory only. `kernel="auto"` follows the platform
+a function is *lowered for* (`jax.lax.platform_dependent`), not the default backend: a step
+compiled for a GPU without one (`jact.memory.compiled(..., target="h100")`) contains exactly the
+kernels a GPU would run. Where no GPU can be targeted -- no GPU backend and no CUDA plugin in this
+process -- "auto" is the reference alone and Pallas is never imported.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +49,14 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
   bits = codec.check_bits(bits)
   group_size = codec.check_group_size(group_size)
   rounding = codec.check_rounding(rounding)
-  if bits in codec.PACKED_BITS and _use_pallas(kernel, dtype, bits, group_size):
-    from jact import kernels
-    return kernels.quantize_pallas(x, bits, group_size, rounding, seed)
-  return codec.quantize(x, bits, group_size, rounding, seed)
+  reference = lambda x, seed: codec.quantize(x, bits, group_size, rounding, seed)
+  kernel_for = _kernel_for(kernel, dtype, bits, group_size, x)
+  if kernel_for is None:
+    return reference(x, seed)
+  from jact.kernels import pallas_codec
+  compiled = lambda interpret: lambda x, seed: pallas_codec.quantize_pallas(
+      x, bits, group_size, rounding, seed, interpret=interpret)
+  return _choose(kernel_for, compiled, reference, x, jnp.asarray(seed, jnp.uint32))
 
 
 def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
@@ -60,10 +70,12 @@ def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
   kernel = check_kernel(kernel)
   if not isinstance(q, QuantizedArray):
     raise TypeError(f"dequantize expects a jact.QuantizedArray, got {type(q).__name__}.")
-  if q.bits in codec.PACKED_BITS and _use_pallas(kernel, q.dtype, q.bits, q.group_size):
-    from jact import kernels
-    return kernels.dequantize_pallas(q)
-  return codec.dequantize(q)
+  kernel_for = _kernel_for(kernel, q.dtype, q.bits, q.group_size, q.payload)
+  if kernel_for is None:
+    return codec.dequantize(q)
+  from jact.kernels import pallas_codec
+  compiled = lambda interpret: lambda q: pallas_codec.dequantize_pallas(q, interpret=interpret)
+  return _choose(kernel_for, compiled, codec.dequantize, q)
 
 
 def check_kernel(kernel: Any) -> str:
@@ -73,13 +85,46 @@ def check_kernel(kernel: Any) -> str:
   return kernel
 
 
-def _use_pallas(kernel: str, dtype, bits: int, group_size: int) -> bool:
-  """Whether to run the fused Pallas kernel: always for "pallas", on a GPU when it applies for "auto"."""
-  if kernel == "xla":
-    return False
+def _kernel_for(kernel: str, dtype, bits: int, group_size: int, operand: jax.Array) -> str | None:
+  """Where the Pallas kernel runs: "every platform" ("pallas"; interpreted off GPU), "gpu" (auto:
+  compiled on a GPU, the reference elsewhere), or None (the reference only).
+
+  "auto" keeps the reference for arrays split over devices: a kernel is one opaque call that
+  XLA's partitioner would run on whole arrays, and it cannot take explicitly sharded arrays or
+  the per-device arrays inside `shard_map` at all.
+  """
+  if bits not in codec.PACKED_BITS or kernel == "xla":
+    return None
   if kernel == "pallas":
+    return "every platform"
+  from jact.kernels import supports  # (no Pallas import: see jact.kernels)
+  if not (supports(dtype, bits, group_size) and _gpu_possible()) or _split_over_devices(operand):
+    return None
+  return "gpu"
+
+
+def _split_over_devices(x: jax.Array) -> bool:
+  """Whether `x` is (or may be) split over several devices."""
+  if jax.device_count() > 1:
     return True
-  if jax.default_backend() != "gpu":
-    return False
-  from jact import kernels
-  return kernels.supports(dtype, bits, group_size)
+  aval = jax.typeof(x)
+  sharding = getattr(aval, "sharding", None)
+  spec = getattr(sharding, "spec", ())
+  return bool(getattr(aval, "vma", ())) or any(axis is not None for axis in spec)
+
+
+def _choose(kernel_for: str, compiled, reference, *operands):
+  """The kernel where it runs, chosen when the function is lowered (`compiled(interpret)` makes it)."""
+  if kernel_for == "every platform":
+    return jax.lax.platform_dependent(*operands, cuda=compiled(False), rocm=compiled(False), default=compiled(True))
+  return jax.lax.platform_dependent(*operands, cuda=compiled(False), rocm=compiled(False), default=reference)
+
+
+@functools.cache
+def _gpu_possible() -> bool:
+  """Whether this process can lower for a GPU: a GPU backend, or the CUDA plugin for compiling
+  without one."""
+  if jax.default_backend() == "gpu":
+    return True
+  return any(importlib.util.find_spec(f"jax_plugins.{name}") is not None
+             for name in ("xla_cuda13", "xla_cuda12"))

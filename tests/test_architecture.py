@@ -77,17 +77,23 @@ def test_no_import_cycles_in_jact():
   assert cycle is None, " -> ".join(cycle)  # ... never the reverse, and nothing else loops
 
 
-def test_pallas_kernels_are_imported_only_when_used():
+def test_pallas_kernels_are_imported_only_when_a_kernel_can_run():
+  """The reference path never imports Pallas' kernels; "auto" does only where a GPU can be
+  targeted (a GPU backend, or the CUDA plugin for compiling without one), "pallas" always."""
   script = """
-import sys
+import importlib.util, sys
 import jax, jax.numpy as jnp
 import jact
 x = jnp.linspace(-1.0, 1.0, 8192)
-jax.grad(lambda x: jact.remat_compress(jnp.sin, bits=2)(x).sum())(x)
+assert "jact.kernels.pallas_codec" not in sys.modules, "import jact loaded the kernels"
+jax.grad(lambda x: jact.remat_compress(jnp.sin, bits=2, kernel="xla")(x).sum())(x)
+jact.dequantize(jact.quantize(x, 4, kernel="xla"), kernel="xla")
+assert "jact.kernels.pallas_codec" not in sys.modules, "the reference path imported the kernels"
 jact.dequantize(jact.quantize(x, 4))
-assert "jact.kernels" not in sys.modules, "the reference path imported the kernels"
+gpu_possible = importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
+assert ("jact.kernels.pallas_codec" in sys.modules) == gpu_possible, "auto and the kernels disagree"
 jact.quantize(x, 4, kernel="pallas")
-assert "jact.kernels" in sys.modules
+assert "jact.kernels.pallas_codec" in sys.modules
 print("ok")
 """
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -14,7 +14,8 @@ import pytest
 
 from jact import codec
 from jact.codec import formulas
-from jact.kernels import bitwise, dequantize_pallas, quantize_pallas, supports
+from jact.kernels import bitwise, supports
+from jact.kernels.pallas_codec import dequantize_pallas, quantize_pallas
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 BITS = [1, 2, 4, 8]

@@ -30,6 +30,7 @@ kernels run in Pallas' interpret mode (a reference for tests, not fast).
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +40,13 @@ from jax.experimental.pallas import triton as pltriton
 
 from jact import codec
 from jact.codec import formulas, hashing
+from jact.kernels import KERNEL_DTYPES, is_power_of_two, supports  # noqa: F401  (supports: re-exported)
 
-KERNEL_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 # Values per program: 16 groups of 256; at 8 warps each thread holds 16 of them in registers,
 # few enough for the hash's temporaries not to spill. A guess until benchmarks/gpu_kernels.py's
 # block_rows sweep has run on a GPU.
 ELEMENTS_PER_BLOCK = 4096
 NUM_WARPS = 8
-
-
-def supports(dtype, bits: int, group_size: int) -> bool:
-  """Whether the kernels handle this dtype, bit width and group size; if not, use `jact.codec`.
-
-  float64 (no float64 kernels: it is rare in training and its 64-bit noise folding would need
-  64-bit integer lanes), bits 16 and 32 (plain casts, nothing to fuse) and group sizes that are
-  not a power of two (Triton blocks must be) stay on the jnp reference.
-  """
-  return jnp.dtype(dtype) in KERNEL_DTYPES and bits in codec.PACKED_BITS and _is_power_of_two(group_size)
 
 
 def quantize_pallas(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str = "stochastic",
@@ -69,7 +60,8 @@ def quantize_pallas(x: jax.Array, bits: int = 2, group_size: int = 256, rounding
     group_size: elements sharing one (lo, hi) pair; a power of two, at least 64.
     rounding: "stochastic" or "nearest", as in `jact.codec.quantize`.
     seed: int or uint32 scalar (may be traced), as in `jact.codec.quantize`.
-    interpret: run the kernel in Pallas' interpret mode; None: on every backend but GPU.
+    interpret: run the kernel in Pallas' interpret mode; None: compiled when lowered for a GPU,
+      interpreted for any other platform.
     block_rows: groups per program, a power of two; None picks `ELEMENTS_PER_BLOCK // group_size`.
 
   Returns:
@@ -85,8 +77,10 @@ def quantize_pallas(x: jax.Array, bits: int = 2, group_size: int = 256, rounding
   shape = tuple(x.shape)
   if codec.Layout.of(shape, group_size).num_groups == 0:
     return codec.quantize(x, bits, group_size, rounding, seed)  # empty: nothing to compute
-  payload, lo, hi = _quantize_groups(x, jnp.asarray(seed, jnp.uint32), bits, group_size, rounding,
-                                     _resolve_interpret(interpret), _check_block_rows(block_rows))
+  block_rows = _check_block_rows(block_rows)
+  run = lambda interpret: functools.partial(_quantize_groups, bits=bits, group_size=group_size, rounding=rounding,
+                                            interpret=interpret, block_rows=block_rows)
+  payload, lo, hi = _per_platform(interpret, run, x, jnp.asarray(seed, jnp.uint32))
   return codec.QuantizedArray(payload, lo, hi, shape, dtype, bits, group_size)
 
 
@@ -99,7 +93,8 @@ def dequantize_pallas(q: codec.QuantizedArray, *, interpret: bool | None = None,
 
   Args:
     q: a `jact.QuantizedArray` with bits 1, 2, 4 or 8 whose dtype and group size `supports`.
-    interpret: run the kernel in Pallas' interpret mode; None: on every backend but GPU.
+    interpret: run the kernel in Pallas' interpret mode; None: compiled when lowered for a GPU,
+      interpreted for any other platform.
     block_rows: groups per program, a power of two; None picks `ELEMENTS_PER_BLOCK // group_size`.
   """
   if not isinstance(q, codec.QuantizedArray):
@@ -107,8 +102,10 @@ def dequantize_pallas(q: codec.QuantizedArray, *, interpret: bool | None = None,
   _check_supported(q.dtype, q.bits, q.group_size)
   if q.layout.num_groups == 0:
     return codec.dequantize(q)  # empty: nothing to compute
-  return _dequantize_groups(q.payload, q.lo, q.hi, q.shape, jnp.dtype(q.dtype), q.bits, q.group_size,
-                            _resolve_interpret(interpret), _check_block_rows(block_rows))
+  block_rows = _check_block_rows(block_rows)
+  run = lambda interpret: functools.partial(_dequantize_groups, shape=q.shape, dtype=jnp.dtype(q.dtype), bits=q.bits,
+                                            group_size=q.group_size, interpret=interpret, block_rows=block_rows)
+  return _per_platform(interpret, run, q.payload, q.lo, q.hi)
 
 
 # --- kernels -----------------------------------------------------------------------------------
@@ -157,7 +154,7 @@ def _dequantize_kernel(payload_ref, lo_ref, hi_ref, values_ref, *, bits: int, dt
 # --- calls -------------------------------------------------------------------------------------
 
 # Jitted like the reference, so that same-shaped residuals share one trace and one lowering.
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "rounding", "interpret", "block_rows"))
 def _quantize_groups(x, seed, bits: int, group_size: int, rounding: str, interpret: bool,
                      block_rows: int | None):
   layout = codec.Layout.of(x.shape, group_size)
@@ -182,7 +179,7 @@ def _quantize_groups(x, seed, bits: int, group_size: int, rounding: str, interpr
   return payload.reshape(group_shape + (width,)), lo.reshape(group_shape), hi.reshape(group_shape)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "bits", "group_size", "interpret", "block_rows"))
 def _dequantize_groups(payload, lo, hi, shape, dtype, bits: int, group_size: int, interpret: bool,
                        block_rows: int | None):
   layout = codec.Layout.of(shape, group_size)
@@ -209,10 +206,6 @@ def _pallas_call(kernel, num_groups: int, rows: int, interpret: bool, **specs):
 
 # --- checks and sizes --------------------------------------------------------------------------
 
-def _is_power_of_two(n) -> bool:
-  return isinstance(n, (int, np.integer)) and n > 0 and n & (n - 1) == 0
-
-
 def _check_supported(dtype, bits: int, group_size: int) -> None:
   if jnp.dtype(dtype) not in KERNEL_DTYPES:
     raise TypeError(f"The Pallas codec kernels take {', '.join(map(str, KERNEL_DTYPES))}, not "
@@ -220,13 +213,13 @@ def _check_supported(dtype, bits: int, group_size: int) -> None:
   if bits not in codec.PACKED_BITS:
     raise ValueError(f"The Pallas codec kernels take bits in {codec.PACKED_BITS}, not {bits}; bits 16 and 32 "
                      "are casts, use jact.codec.quantize / dequantize.")
-  if not _is_power_of_two(group_size):
+  if not is_power_of_two(group_size):
     raise ValueError(f"The Pallas codec kernels need a power-of-two group_size (Triton blocks are), "
                      f"not {group_size}; use jact.codec.quantize / dequantize for it.")
 
 
 def _check_block_rows(block_rows: int | None) -> int | None:
-  if block_rows is not None and not _is_power_of_two(block_rows):
+  if block_rows is not None and not is_power_of_two(block_rows):
     raise ValueError(f"block_rows={block_rows!r} must be a power of two (or None for the default).")
   return block_rows
 
@@ -239,5 +232,10 @@ def _block_rows(num_groups: int, group_size: int, block_rows: int | None) -> int
   return min(max(1, ELEMENTS_PER_BLOCK // group_size), 1 << (num_groups - 1).bit_length())
 
 
-def _resolve_interpret(interpret: bool | None) -> bool:
-  return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+def _per_platform(interpret: bool | None, run: Callable[[bool], Any], *operands) -> Any:
+  """`run(interpret)(*operands)`; with `interpret=None`, compiled when the function is lowered
+  for a GPU and interpreted on any other platform (decided at lowering, not by the default
+  backend, so that compiling for a GPU without one runs the compiled kernel)."""
+  if interpret is not None:
+    return run(bool(interpret))(*operands)
+  return jax.lax.platform_dependent(*operands, cuda=run(False), rocm=run(False), default=run(True))

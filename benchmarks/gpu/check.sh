@@ -1,16 +1,16 @@
 #!/bin/sh
 # Every GPU check in one run, for a lent accelerator with a short time budget (see README "GPU").
-#   sh benchmarks/gpu_check.sh          # results under $OUT (default ./results/gpu)
+#   OUT=results/gpu sh benchmarks/gpu/check.sh   # from the repository root; OUT defaults to results/gpu
 # 1. the Pallas kernels: bitwise agreement with the reference, throughput against copy bandwidth
-#    and the XLA codec (benchmarks/gpu_kernels.py);
+#    and the XLA codec (benchmarks/gpu/kernels.py);
 # 2. training steps: step-time ratios (baseline, jax.checkpoint, jact 2 bits with either codec)
-#    and real peak memory per fresh process (benchmarks/gpu_steps.py).
+#    and real peak memory per fresh process (benchmarks/gpu/steps.py).
 # Each part saves its JSON as it finishes, so a run cut short keeps what it measured.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export OUT="${OUT:-results/gpu}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 $PYTHON -c "import jax; print(jax.__version__, jax.devices())" | tee "$OUT/devices.txt"
-$PYTHON benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.log"
-$PYTHON benchmarks/gpu_steps.py 2>&1 | tee "$OUT/gpu_steps.log"
+$PYTHON benchmarks/gpu/kernels.py 2>&1 | tee "$OUT/gpu_kernels.log"
+$PYTHON benchmarks/gpu/steps.py 2>&1 | tee "$OUT/gpu_steps.log"

@@ -1,5 +1,8 @@
 """What the memory, max-batch and GPU benchmarks compare: one model, many ways to keep residuals.
 
+Shared by benchmarks/memory.py, benchmarks/max_batch.py, benchmarks/gpu/steps.py and
+benchmarks/investigations/where_memory_goes.py, as `from jact.models import variants as V`.
+
 A variant is a class transform for the model zoo's `wrap_block` hook (`jact.models.get_model`):
 the baseline keeps everything, `jax.checkpoint` (`nn.remat`) keeps each block's inputs and
 recomputes the block, jact stores each residual compressed, and jact with `recompute=True` stores
@@ -17,7 +20,8 @@ import jax
 import optax
 
 import jact
-from jact.models import get_model
+
+from .registry import get_model
 
 
 @dataclasses.dataclass(frozen=True)

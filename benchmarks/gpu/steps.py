@@ -1,7 +1,7 @@
 """Training steps on a GPU: step-time ratios and real peak memory, baseline vs checkpoint vs jact.
 
-  python benchmarks/gpu_steps.py                 # on the GPU: writes $OUT/gpu_steps.json
-  python benchmarks/gpu_steps.py --small         # tiny models, a smoke test on any backend
+  python benchmarks/gpu/steps.py                 # on the GPU: writes $OUT/gpu_steps.json
+  python benchmarks/gpu/steps.py --small         # tiny models, a smoke test on any backend
 
 1. step time: ResNet-50 (batch 64, 224x224) and BERT-base (sequence 128, batch 32), one Adam step
    each of: the baseline, `jax.checkpoint` per block, jact 2 bits with the Pallas codec, jact 2
@@ -24,11 +24,9 @@ import time
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import variants as V  # noqa: E402
-
-import jact  # noqa: E402
-from jact.models import training  # noqa: E402
+import jact
+from jact.models import training
+from jact.models import variants as V
 
 STEP_MODELS = {"resnet50": 64, "bert_base": 32}
 PEAK_MODELS = {"resnet50": 64, "bert_large": 32}

@@ -1,8 +1,8 @@
 """GPU check of the Pallas codec kernels: bitwise agreement with the jnp reference, and throughput.
 
-  python benchmarks/gpu_kernels.py            # on a GPU: writes $OUT/gpu_kernels.json (default ./results)
-  python benchmarks/gpu_kernels.py --small    # smoke test anywhere: tiny tensors, interpret mode off GPU
-  python benchmarks/gpu_kernels.py --parts throughput    # one part only
+  python benchmarks/gpu/kernels.py            # on a GPU: writes $OUT/gpu_kernels.json (default ./results)
+  python benchmarks/gpu/kernels.py --small    # smoke test anywhere: tiny tensors, interpret mode off GPU
+  python benchmarks/gpu/kernels.py --parts throughput    # one part only
 
 1. correctness: for every dtype x bits x rounding at group size 256 (and group sizes 64 and 1024
    for float32), `quantize_pallas` / `dequantize_pallas` against `jact.codec` on the same device,
@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import pathlib
-import sys
 import time
 import traceback
 
@@ -33,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, jact not installed
-from jact import codec  # noqa: E402
-from jact.kernels import bitwise, dequantize_pallas, pallas_codec, quantize_pallas  # noqa: E402
+from jact import codec
+from jact.kernels import bitwise, pallas_codec
+from jact.kernels.pallas_codec import dequantize_pallas, quantize_pallas
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 BITS = (1, 2, 4, 8)

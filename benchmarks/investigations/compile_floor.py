@@ -1,8 +1,8 @@
-"""How fast could a compressed step compile? The MLP of tests/test_memory.py with jact's codec, and
-with a codec stripped to the least work any per-group quantiser needs.
+"""How fast could a compressed step compile? The MLP of tests/test_memory.py (`jact.models.mlp`)
+with jact's codec, and with a codec stripped to the least work any per-group quantiser needs.
 
-  python benchmarks/compile_floor.py              # 16 layers, best of 5 compiles each
-  python benchmarks/compile_floor.py --depth 16 --repeats 7
+  python benchmarks/investigations/compile_floor.py              # 16 layers, best of 5 compiles each
+  python benchmarks/investigations/compile_floor.py --depth 16 --repeats 7
 
 XLA:CPU compiles each distinct kernel once, however many identical layers use it, and a kernel
 costs tens of milliseconds (MLIR emission plus LLVM), while the whole uncompressed 16-layer step
@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jact import codec, hashing
-from jact.kernels import formulas
-
-from compile_time import lowered  # the MLP of tests/test_memory.py, lowered afresh
+from jact.codec import formulas, hashing
+from jact.codec import reference as codec  # the jnp codec, whose packed quantise/dequantise _codec swaps
+from jact.models.mlp import lowered  # the MLP of tests/test_memory.py, as benchmarks/compile_time.py lowers it
 
 
 def _reciprocal(d: jax.Array) -> jax.Array:
