@@ -68,13 +68,14 @@ def run_forward(plan: Plan, options: Options, seed: jax.Array, inputs: Sequence[
       ready.setdefault(r.ready_after, []).append(uid)
   stored: list[Any] = [None] * len(plan.residuals)
   pending: list[tuple[int, codec.QuantizedArray]] = []
+  kernels = quantize_kernels(plan, options.kernel)
 
   def quantize_ready(index: int):
     for uid in ready.get(index, ()):
       r = plan.residuals[uid]
       pending.append((uid, quantization.quantize(env.read(r.atom), r.info.bits, options.group_size,
                                                  options.rounding, seed=residual_seed(seed, uid),
-                                                 kernel=options.kernel)))
+                                                 kernel=kernels[uid])))
 
   def tie(values: list[Any]) -> list[Any]:
     """Makes `values` available only after every pending quantisation is done."""
@@ -134,6 +135,7 @@ def run_backward(plan: Plan, options: Options, stored: Sequence[Any], cts: Seque
   for var, uid in zip(jaxpr.invars[:num_res], plan.leaf_ids):
     vars_of.setdefault(uid, []).append(var)
   uid_of = {var: uid for uid, vs in vars_of.items() for var in vs}
+  kernels = dequantize_kernels(plan, options.kernel)
 
   def restore(uid: int, value: Any):
     for var in vars_of[uid]:
@@ -181,7 +183,7 @@ def run_backward(plan: Plan, options: Options, stored: Sequence[Any], cts: Seque
         value = _recompute(plan, params, residual.recompute)
       else:
         if isinstance(value, codec.QuantizedArray):
-          value = quantization.dequantize(value, kernel=options.kernel)
+          value = quantization.dequantize(value, kernel=kernels[uid])
         if uid in rebuilding:
           value = affine.rebuild(plan.fwd.jaxpr, residual.rebuild.representative_path, residual.rebuild.path,
                                  value, small)
@@ -201,6 +203,49 @@ def run_backward(plan: Plan, options: Options, stored: Sequence[Any], cts: Seque
                    if jnp.issubdtype(jnp.result_type(v), jnp.inexact) and var not in left_out]
   restore_for(jaxpr.outvars, None)
   return [env.read(v) for v in jaxpr.outvars]
+
+
+# Operations XLA:GPU runs as library calls (cuDNN convolutions), whose operands and results are
+# in memory whatever surrounds them. A matrix product is not one of them: XLA fuses elementwise
+# work into its operands and its epilogue.
+_IN_MEMORY_ANYWAY = frozenset({"conv_general_dilated"})
+
+
+def quantize_kernels(plan: Plan, kernel: str) -> list[str]:
+  """The codec implementation for quantising each residual of `plan` under the call's `kernel`.
+
+  With "auto", the fused kernel (`jact.quantization`) quantises only what is in memory anyway: the
+  results of convolutions. Everything else is quantised by the jax.numpy codec, which XLA fuses
+  with the work that makes the residual (a mask, a chain's derivative, a matrix product's
+  epilogue) or that reads it, so that no extra full-precision buffer exists; a fused kernel is one
+  opaque call that needs its input in memory first. Measured on the H100 target
+  (tests/test_gpu_targets.py): kernels for every residual cost 15-20% more compiled memory than
+  none on a small CNN and a small transformer, and kernels for the calls' inputs as well still
+  cost 5% on the transformer.
+  """
+  if kernel != "auto":
+    return [kernel] * len(plan.residuals)
+  producers = _jaxpr.producers(plan.fwd.jaxpr)
+  in_memory = lambda r: (not _jaxpr.is_literal(r.atom) and r.atom in producers
+                         and producers[r.atom].primitive.name in _IN_MEMORY_ANYWAY)
+  return ["auto" if in_memory(r) else "xla" for r in plan.residuals]
+
+
+def dequantize_kernels(plan: Plan, kernel: str) -> list[str]:
+  """The codec implementation for restoring each residual, as `quantize_kernels` chooses: with
+  "auto", the fused kernel restores only what only convolutions read (their operands are in memory
+  anyway); anything else reads the jax.numpy codec's decoding, which XLA fuses into the reader."""
+  if kernel != "auto":
+    return [kernel] * len(plan.residuals)
+  jaxpr = plan.bwd.jaxpr
+  uid_of = dict(zip(jaxpr.invars[:len(plan.leaf_ids)], plan.leaf_ids))
+  readers: dict[int, set[str]] = {}
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if not _jaxpr.is_literal(v) and v in uid_of:
+        readers.setdefault(uid_of[v], set()).add(eqn.primitive.name)
+  return ["auto" if readers.get(uid) and readers[uid] <= _IN_MEMORY_ANYWAY else "xla"
+          for uid in range(len(plan.residuals))]
 
 
 def residual_seed(seed: jax.Array, index: int) -> jax.Array:

@@ -149,13 +149,14 @@ def dump_options(directory: str | os.PathLike) -> dict[str, Any]:
   return {"xla_dump_to": str(directory), "xla_dump_hlo_as_text": True}
 
 
-def at_peak(fn: Callable, *args: Any, **kwargs: Any) -> AliveAtPeak:
+def at_peak(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> AliveAtPeak:
   """Compiles `fn` for these arguments with XLA's dumps on and returns what is alive at its peak.
 
   Args:
     fn: a function, or an already jitted one (its own `static_argnums`, shardings and donation are
       then used). Lowering happens here, so call it inside any mesh context that `fn` needs.
     *args, **kwargs: arrays or `jax.ShapeDtypeStruct`s (no data is needed).
+    target: as in `compiled`.
 
   Returns:
     An `AliveAtPeak`: the scratch block's size, the most bytes alive at once, and the buffers
@@ -163,7 +164,10 @@ def at_peak(fn: Callable, *args: Any, **kwargs: Any) -> AliveAtPeak:
   """
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
   with tempfile.TemporaryDirectory() as directory:
-    jitted.lower(*args, **kwargs).compile(compiler_options=dump_options(directory))
+    if target == "cpu":
+      jitted.lower(*args, **kwargs).compile(compiler_options=dump_options(directory))
+    else:
+      targets.compile_for(jitted, target, *args, compiler_options=dump_options(directory), **kwargs)
     return alive_at_peak(directory)
 
 

@@ -72,7 +72,7 @@ def on_target(tree: Any, target: str) -> Any:
   return jax.tree.map(place, tree)
 
 
-def compile_for(jitted: Any, target: str, *args: Any, **kwargs: Any) -> Any:
+def compile_for(jitted: Any, target: str, *args: Any, compiler_options: dict | None = None, **kwargs: Any) -> Any:
   """`jitted` compiled for the GPU `target` without one: arrays among the arguments become
   abstract values on that GPU, and Pallas kernels lower for its compute capability."""
   text = target_text(target)
@@ -84,7 +84,7 @@ def compile_for(jitted: Any, target: str, *args: Any, **kwargs: Any) -> Any:
   # here is the CPU).
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=abstract_device)):
     lowered = jitted.lower(*args, **kwargs)
-  return lowered.compile()
+  return lowered.compile(compiler_options=compiler_options)
 
 
 def _kind_for_kernels(device_kind: str) -> str:

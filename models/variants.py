@@ -35,9 +35,11 @@ class Variant:
     return self.bits is not None
 
 
-def jact_variant(bits: Any, recompute: bool = False, label: str | None = None) -> Variant:
-  name = label or f"jact {bits} bits" + (" + recompute" if recompute else "")
-  return Variant(name, lambda cls: jact.compressed(cls, bits=bits, recompute=recompute), bits)
+def jact_variant(bits: Any, recompute: bool = False, label: str | None = None, kernel: str = "auto") -> Variant:
+  """Every block `jact.compressed` at `bits`; `kernel` as in `jact.quantize` ("auto": the fused
+  kernels where the step is lowered for a GPU)."""
+  name = label or f"jact {bits} bits" + (" + recompute" if recompute else "") + ("" if kernel == "auto" else f", {kernel}")
+  return Variant(name, lambda cls: jact.compressed(cls, bits=bits, recompute=recompute, kernel=kernel), bits)
 
 
 BASELINE = Variant("baseline", None)
@@ -46,7 +48,8 @@ DEFAULT_VARIANTS = (BASELINE, CHECKPOINT, jact_variant(8), jact_variant(4), jact
                     jact_variant(2, recompute=True))
 VARIANTS_BY_KEY = {"baseline": BASELINE, "checkpoint": CHECKPOINT, "8": jact_variant(8),
                    "4": jact_variant(4), "2": jact_variant(2), "2r": jact_variant(2, recompute=True),
-                   "1": jact_variant(1), "1r": jact_variant(1, recompute=True)}
+                   "1": jact_variant(1), "1r": jact_variant(1, recompute=True),
+                   "2x": jact_variant(2, kernel="xla"), "2rx": jact_variant(2, recompute=True, kernel="xla")}
 
 # The GACT paper's configurations: (zoo name, batch for the memory table).
 PAPER_MODELS = {"resnet18": 64, "resnet50": 64, "swin_t": 64, "vit_b16": 64, "bert_base": 32, "bert_large": 32,

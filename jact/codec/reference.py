@@ -232,20 +232,8 @@ def _bytes_value(payload: jax.Array, dtype) -> jax.Array:
 
 def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str = "stochastic",
              seed: int | jax.Array = 0) -> QuantizedArray:
-  """Compresses a float array to `bits` per value.
-
-  Args:
-    x: float16, bfloat16, float32 or float64 array of any shape.
-    bits: 1, 2, 4 or 8 (quantised and packed), 16 (stored as bfloat16) or 32 (kept as is).
-    group_size: elements sharing one (lo, hi) pair; a positive multiple of 64.
-    rounding: "stochastic" (unbiased: the expected decoded value is x) or "nearest" (half the
-      error, biased).
-    seed: int or uint32 scalar (may be traced) selecting the stochastic rounding noise. The same
-      seed and input give bitwise identical codes; different seeds give independent noise.
-
-  Returns:
-    A `QuantizedArray` whose `nbytes` is `n * bits / 8` plus 4 bytes per group.
-  """
+  """Compresses a float array to `bits` per value: `jact.quantize` (whose docstring gives the
+  arguments) with the jax.numpy implementation."""
   x = jnp.asarray(x)
   dtype = check_float_dtype(x.dtype)
   bits = check_bits(bits)

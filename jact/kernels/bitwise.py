@@ -1,6 +1,6 @@
 """Bitwise comparison of two codec implementations, and the groups that exercise every special case.
 
-Shared by tests/test_kernels.py (interpret mode, on CPU) and benchmarks/gpu_kernels.py (compiled,
+Shared by tests/test_kernels.py (interpret mode, on CPU) and benchmarks/gpu/kernels.py (compiled,
 on a GPU), so that both check the same property on the same inputs: the kernels store and restore
 the reference's bits. A NaN matches any NaN, since XLA leaves NaN payloads unspecified.
 """

@@ -43,7 +43,7 @@ from jact.codec import formulas, hashing
 from jact.kernels import KERNEL_DTYPES, is_power_of_two, supports  # noqa: F401  (supports: re-exported)
 
 # Values per program: 16 groups of 256; at 8 warps each thread holds 16 of them in registers,
-# few enough for the hash's temporaries not to spill. A guess until benchmarks/gpu_kernels.py's
+# few enough for the hash's temporaries not to spill. A guess until benchmarks/gpu/kernels.py's
 # block_rows sweep has run on a GPU.
 ELEMENTS_PER_BLOCK = 4096
 NUM_WARPS = 8
