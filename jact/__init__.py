@@ -15,11 +15,11 @@ from jact.introspect import residuals
 from jact.quantization import dequantize, quantize
 from jact.recalibration import Recalibration
 from jact.sensitivity import calibrate
-from jact.transform import remat_compress
+from jact.transform import clear_caches, remat_compress
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantizedArray", "Recalibration", "ResidualInfo", "ResidualTable", "calibrate", "compress", "compressed",
+    "QuantizedArray", "Recalibration", "ResidualInfo", "ResidualTable", "calibrate", "clear_caches", "compress", "compressed",
     "dequantize", "memory", "nnx", "policies", "quantize", "remat_compress", "residuals", "use_policy",
 ]

@@ -14,10 +14,12 @@ The custom_vjp closes over no tracer (constants and closed-over values arrive as
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax._src.interpreters import ad  # the tracer types of jvp and linearize (no public name)
 
 from jact import _context, _jaxpr, _loops, _probing, _schedule
 from jact._classify import InputKind
@@ -129,7 +131,15 @@ class Traced:
     inputs = self.with_seed(seed, inputs)
     plan = self.plan_for(inputs)
     regions = _context.current().regions
-    outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
+    if _differentiated(inputs):
+      # This call's backward pass is itself differentiated (grad of grad, jax.hessian, a gradient
+      # penalty): a rounded residual would carry no derivative of the input it came from, so the
+      # second-order result would be silently wrong. Everything is stored as it is: exact.
+      _warn_second_order(self.scope)
+      outs, stored = _schedule.hand_over(
+          plan, *_schedule.run_forward(plan, self.options, seed, inputs, compress=False), inputs)
+    else:
+      outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
     if regions is not None:
       regions.append(ResidualTable(plan.infos if plan.table is None else plan.table))
     # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
@@ -140,14 +150,31 @@ class Traced:
     return (np.zeros((), jax.dtypes.float0), *self.own_gradients(grads))
 
   def call(self, seed, inputs) -> list[Any]:
-    """Runs the call: through `core`, or while calibrate probes through the probing rules."""
-    if _context.current().probe is None:
-      return self.core(seed, *inputs)
-    return self.probing.call(seed, inputs)
+    """Runs the call: through `core`, or while calibrate probes through the probing rules.
+
+    Under forward-mode differentiation (`jvp`, `jacfwd`) the function runs as it is: forward mode
+    keeps no residuals, so there is nothing to compress (and a custom_vjp has no forward mode)."""
+    if _context.current().probe is not None:
+      return self.probing.call(seed, inputs)
+    if any(isinstance(x, ad.JVPTracer) for x in inputs):
+      return self.pure(*self.with_seed(seed, inputs))
+    return self.core(seed, *inputs)
 
   def call_exposing(self, seed, inputs) -> list[Any]:
     """A loop body's call while calibrate probes (see `jact._probing`)."""
     return self.probing.exposed(seed, *inputs)
+
+
+def _differentiated(values) -> bool:
+  """Whether `values` are being differentiated by a transformation outside the custom_vjp."""
+  return any(isinstance(x, (ad.JVPTracer, ad.LinearizeTracer)) for x in values)
+
+
+def _warn_second_order(scope: str) -> None:
+  warnings.warn(
+      f"{scope}: the backward pass of a compressed call is differentiated (grad of grad, "
+      "jax.hessian, a gradient penalty): its residuals are stored at full precision there, so the "
+      "result is exact but this call saves no memory in that computation.", stacklevel=3)
 
 
 # --- the cache ---------------------------------------------------------------------------------

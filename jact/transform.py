@@ -9,10 +9,11 @@ lives in `jact._plan`, `jact._classify`, `jact._schedule` and `jact._loops`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,12 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. A `lax.scan` inside `fun`
   whose residuals would be compressed runs with its body compressed on its own, so that each step
   quantises its residuals (the loop would otherwise stack them at full precision first).
-  Forward-mode differentiation (`jvp`, `jacfwd`, `hessian`) is not supported and raises a
-  TypeError.
+  Forward mode (`jvp`, `jacfwd`) runs `fun` as it is: it keeps no residuals, so it is exact and
+  costs nothing. When the backward pass itself is differentiated (`grad` of `grad`, `jax.hessian`,
+  Hessian-vector products, a gradient penalty), the residuals of that computation are stored at
+  full precision, with a warning: second-order results are exact, and that computation saves no
+  memory. `jax.linearize` is not supported: JAX's custom_vjp has no forward mode, and the linear
+  function it returns raises when applied; use `jax.jvp`.
 
   Args:
     fun: the function to wrap; its arguments and outputs may be pytrees of arrays.
@@ -131,37 +136,77 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
       else:
         labels.append("/".join(_key_label(p) for p in path[1:]))
         kinds.append(input_kind(leaf, False))
-    out_tree = []
-
-    def flat_fun(*leaves):
-      dyn, kw = jax.tree.unflatten(in_tree, leaves)
-      full = list(args)
-      for i, value in zip(dynamic, dyn):
-        full[i] = value
-      outs, tree = jax.tree.flatten(fun(*full, **kw))
-      out_tree.append(tree)
-      return outs
-
-    fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
-    consts = list(fun_jaxpr.consts)
     scope = "/".join(_jaxpr.current_scope() + [base_scope])
     override = _context.current().policy
-    call_options = options if override is None else dataclasses.replace(options, policy=override)
-    traced = _vjp.traced_for(fun_jaxpr.jaxpr, len(consts), [InputKind.KEPT] * len(consts) + kinds,
-                             [f"closure{i}" for i in range(len(consts))] + labels, scope, call_options)
-    try:
-      outs = traced.call(_seed_from(rng), consts + leaves)
-    except TypeError as e:
-      if "forward-mode" in str(e):
-        raise TypeError(
-            f"{base_scope}: jact.remat_compress supports reverse-mode differentiation only (grad, "
-            "vjp, value_and_grad). Forward mode (jvp, jacfwd, hessian, linearize) would need the "
-            "full-precision residuals that jact does not keep; differentiate the uncompressed "
-            "function in forward mode instead.") from e
-      raise
-    return jax.tree.unflatten(out_tree[0], outs)
+    key = _trace_key(in_tree, leaves, [args[i] for i in options.static_argnums], scope, override)
+    entry = _EAGER_TRACES.get((wrapped_id, key)) if key is not None else None
+    if entry is None:
+      out_tree = []
 
+      def flat_fun(*leaves):
+        dyn, kw = jax.tree.unflatten(in_tree, leaves)
+        full = list(args)
+        for i, value in zip(dynamic, dyn):
+          full[i] = value
+        outs, tree = jax.tree.flatten(fun(*full, **kw))
+        out_tree.append(tree)
+        return outs
+
+      fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
+      consts = list(fun_jaxpr.consts)
+      call_options = options if override is None else dataclasses.replace(options, policy=override)
+      traced = _vjp.traced_for(fun_jaxpr.jaxpr, len(consts), [InputKind.KEPT] * len(consts) + kinds,
+                               [f"closure{i}" for i in range(len(consts))] + labels, scope, call_options)
+      entry = _Trace(traced, consts, out_tree[0])
+      if key is not None and not any(isinstance(c, jax.core.Tracer) for c in consts):
+        _remember((wrapped_id, key), entry)
+    traced, consts, out_tree = entry
+    outs = traced.call(_seed_from(rng), list(consts) + leaves)
+    return jax.tree.unflatten(out_tree, outs)
+
+  wrapped_id = object()  # this wrapper's part of the keys of _EAGER_TRACES
   return wrapped
+
+
+# --- traces of eager calls -----------------------------------------------------------------------
+
+class _Trace(NamedTuple):
+  """A traced call: its `Traced`, the constants its jaxpr closed over and its output tree."""
+  traced: _vjp.Traced
+  consts: list[Any]
+  out_tree: Any
+
+
+_EAGER_TRACES: collections.OrderedDict = collections.OrderedDict()
+_EAGER_TRACES_CAPACITY = 512
+
+
+def _trace_key(in_tree, leaves, static: list[Any], scope: str, override) -> tuple | None:
+  """The key under which a call's trace is reused, like `jax.jit`'s cache: the argument tree, the
+  leaves' types, static arguments by value, the name scope and a `use_policy` in force. None for
+  a call under a transformation (tracers among the leaves: the enclosing trace is what is cached)
+  or with unhashable static arguments."""
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    return None
+  key = (in_tree, tuple(jax.typeof(leaf) for leaf in leaves), tuple(static), scope, override)
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def _remember(key, entry: _Trace) -> None:
+  _EAGER_TRACES[key] = entry
+  if len(_EAGER_TRACES) > _EAGER_TRACES_CAPACITY:
+    _EAGER_TRACES.popitem(last=False)
+
+
+def clear_caches() -> None:
+  """Forgets every trace and plan jact keeps for reuse (eager calls' traces, shared plans and
+  their compiled rules): for long-lived processes that trace many different functions."""
+  _EAGER_TRACES.clear()
+  _vjp.clear_cache()
 
 
 def _seed_from(rng) -> jax.Array:

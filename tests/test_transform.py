@@ -122,11 +122,39 @@ def test_vmap_scan_and_checkpoint_compose():
   assert rel_err(inside, g0) < 1e-5 and rel_err(around, g0) < 1e-5
 
 
-def test_forward_mode_raises_a_clear_error():
+def test_forward_mode_runs_the_function_as_it_is():
+  """jvp and jacfwd keep no residuals: the compressed function's are the plain function's (up to
+  float32 rounding: a rewritten chain computes GELU's derivative in another order)."""
   f = compressed(2)
   ws, x = mlp_data()
-  with pytest.raises(TypeError, match="reverse-mode"):
-    jax.jvp(lambda x: f(x, ws[0]), (x,), (x,))
+  compressed_jvp = jax.jvp(lambda x: f(x, ws[0]), (x,), (x,))
+  plain_jvp = jax.jvp(lambda x: layer(x, ws[0]), (x,), (x,))
+  assert rel_err(compressed_jvp[1], plain_jvp[1]) < 1e-5
+  small = jact.remat_compress(jnp.tanh, bits=2, min_size=0)
+  np.testing.assert_array_equal(jax.jacfwd(small)(x[0, :16]), jax.jacfwd(jnp.tanh)(x[0, :16]))
+
+
+def test_second_order_differentiation_is_exact():
+  """Differentiating the backward pass (grad of grad, hessian, Hessian-vector products, a gradient
+  penalty) stores that computation's residuals at full precision, with a warning: exact, where a
+  rounded residual would carry no derivative of its input and give silently wrong numbers."""
+  plain = lambda x: jnp.cos(jnp.sin(x))
+  g = jact.remat_compress(plain, bits=8, min_size=0)
+  with pytest.warns(UserWarning, match="differentiated"):
+    assert float(jax.grad(jax.grad(g))(3.0)) == pytest.approx(float(jax.grad(jax.grad(plain))(3.0)), rel=1e-6)
+  f = lambda x: jnp.sum(jnp.tanh(x) ** 2)
+  x = jnp.linspace(-2, 2, 5000)
+  v = jnp.cos(x)
+  hvp = lambda f: jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x)
+  hessian = lambda f: jax.hessian(f)(x[:300])
+  penalty = lambda f: jax.grad(lambda x: f(x) + jnp.sum(jax.grad(f)(x) ** 2))(x)  # WGAN-GP-like
+  with pytest.warns(UserWarning, match="differentiated"):
+    for second_order in (hvp, hessian):
+      assert rel_err(second_order(jact.remat_compress(f, bits=8)), second_order(f)) < 1e-5
+    # The penalty's gradient adds the loss's first-order gradient, which the call's own backward
+    # pass gives from 8-bit residuals: within the codec's step (1/255 of a group's range).
+    assert rel_err(penalty(jact.remat_compress(f, bits=32)), penalty(f)) < 1e-5
+    assert rel_err(penalty(jact.remat_compress(f, bits=8)), penalty(f)) < 1 / 255
 
 
 def test_bad_arguments():
@@ -174,3 +202,29 @@ def test_recompute_stores_only_compressed_inputs():
   assert rel_err(jax.grad(mlp_loss(compressed(32, recompute=True)))(ws, x), exact_grads()) < 1e-5
   err8 = rel_err(jax.grad(mlp_loss(compressed(8, recompute=True)))(ws, x), exact_grads())
   assert err8 < 0.05  # the 8-bit codec's relative error (about 1%) through four layers
+
+
+def test_eager_calls_trace_once_per_signature():
+  """Like jax.jit: same shapes, dtypes and static values reuse the traced plan; jact.clear_caches
+  forgets it."""
+  traces = []
+
+  def f(x, w, scale):
+    traces.append(scale)
+    return jnp.tanh(x @ w) * scale
+
+  g = jact.remat_compress(f, bits=8, keep_argnums=(1,), static_argnums=(2,), min_size=0)
+  x, w = jnp.ones((64, 64)), jnp.ones((64, 64)) / 64
+  expected = f(x, w, 2.0)
+  traces.clear()
+  for _ in range(10):
+    np.testing.assert_array_equal(g(x, w, 2.0), expected)
+  assert len(traces) == 1
+  g(x, w, 3.0)  # a new static value
+  g(jnp.ones((32, 64)), w, 2.0)  # a new shape
+  assert len(traces) == 3
+  jax.grad(lambda x: g(x, w, 2.0).sum())(x)  # under a transformation: traced with it
+  assert len(traces) == 4
+  jact.clear_caches()
+  g(x, w, 2.0)
+  assert len(traces) == 5
