@@ -73,8 +73,11 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   costs nothing. When the backward pass itself is differentiated (`grad` of `grad`, `jax.hessian`,
   Hessian-vector products, a gradient penalty), the residuals of that computation are stored at
   full precision, with a warning: second-order results are exact, and that computation saves no
-  memory. `jax.linearize` is not supported: JAX's custom_vjp has no forward mode, and the linear
-  function it returns raises when applied; use `jax.jvp`.
+  memory. Not yet through another transform: with `jit`, `vmap`, `scan`, `cond` or
+  `jax.checkpoint` between this function and the outer differentiation, forward mode raises JAX's
+  custom_vjp error and second order below 32 bits is wrong (use `bits=32` there). `jax.linearize`
+  is not supported: JAX's custom_vjp has no forward mode, and the linear function it returns
+  raises when applied; use `jax.jvp`.
 
   Args:
     fun: the function to wrap; its arguments and outputs may be pytrees of arrays.
