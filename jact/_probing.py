@@ -53,8 +53,7 @@ class ProbingRules:
     state = _context.current()
     if state.regions is not None:
       state.regions.append(ResidualTable(plan.infos))
-    outs, stored = _schedule.hand_over(
-        plan, *_schedule.run_forward(plan, traced.options, seed, inputs, compress=False), inputs)
+    outs, stored = _schedule.run_forward_uncompressed(plan, traced.options, seed, inputs)
     for r, value in zip(plan.residuals, stored):
       if r.info.sized_by_policy:
         state.probe.captured[state.probe.key(r.info.name)] = value
@@ -73,6 +72,5 @@ class ProbingRules:
     traced = self.traced
     inputs = traced.with_seed(seed, inputs)
     plan = traced.plan_for(inputs)
-    outs, stored = _schedule.hand_over(
-        plan, *_schedule.run_forward(plan, traced.options, seed, inputs, compress=False), inputs)
+    outs, stored = _schedule.run_forward_uncompressed(plan, traced.options, seed, inputs)
     return outs, _schedule.Stored(_schedule.marked(plan, stored, exposing=True), plan)

@@ -109,6 +109,12 @@ def run_forward(plan: Plan, options: Options, seed: jax.Array, inputs: Sequence[
                          for v, how in zip(plan.rebuild_operands, plan.operand_recompute)]
 
 
+def run_forward_uncompressed(plan: Plan, options: Options, seed: jax.Array, inputs: Sequence[Any]):
+  """Outputs and every residual stored as it is, handed over as the backward pass receives them
+  (calibration's probes, and a backward pass that is itself differentiated)."""
+  return hand_over(plan, *run_forward(plan, options, seed, inputs, compress=False), inputs)
+
+
 def hand_over(plan: Plan, outs: list[Any], stored: list[Any], inputs: Sequence[Any]):
   """`run_forward`'s results completed with the inputs stored as they are and those that
   recomputations read: the residuals the backward pass receives."""

@@ -136,8 +136,7 @@ class Traced:
       # penalty): a rounded residual would carry no derivative of the input it came from, so the
       # second-order result would be silently wrong. Everything is stored as it is: exact.
       _warn_second_order(self.scope)
-      outs, stored = _schedule.hand_over(
-          plan, *_schedule.run_forward(plan, self.options, seed, inputs, compress=False), inputs)
+      outs, stored = _schedule.run_forward_uncompressed(plan, self.options, seed, inputs)
     else:
       outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
     if regions is not None:

@@ -10,8 +10,8 @@ its buffer assignment (where in the preallocated scratch block each value lives)
 (from which to which instruction of the schedule), and returns the buffers alive at the point of
 the schedule with the most bytes in use, each with the operation that made it (its JAX name
 scope: which layer, and whether it is jact's codec). `alive_at_peak` reads dumps that a
-compilation has already written (`dump_options`). These read XLA:CPU's text dumps (jax 0.12); on
-another backend or version their format may differ, and they say so rather than guess.
+compilation has already written (`dump_options`). These read XLA's text dumps as XLA:CPU and
+XLA:GPU write them in jax 0.12; where a version dumps differently, they say so rather than guess.
 """
 
 from __future__ import annotations
@@ -74,10 +74,7 @@ def compiled(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> Co
     A `CompiledMemory`; `temp` is the figure that falls when residuals are compressed.
   """
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-  if target == "cpu":
-    analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
-  else:
-    analysis = targets.compile_for(jitted, target, *args, **kwargs).memory_analysis()
+  analysis = targets.compile_for(jitted, target, *args, **kwargs).memory_analysis()
   if analysis is None:
     raise RuntimeError(f"the {target} compiler reports no memory analysis for this executable.")
   return CompiledMemory(temp=int(analysis.temp_size_in_bytes),
@@ -164,10 +161,7 @@ def at_peak(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> Ali
   """
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
   with tempfile.TemporaryDirectory() as directory:
-    if target == "cpu":
-      jitted.lower(*args, **kwargs).compile(compiler_options=dump_options(directory))
-    else:
-      targets.compile_for(jitted, target, *args, compiler_options=dump_options(directory), **kwargs)
+    targets.compile_for(jitted, target, *args, compiler_options=dump_options(directory), **kwargs)
     return alive_at_peak(directory)
 
 

@@ -49,14 +49,15 @@ def quantize(x: jax.Array, bits: int = 2, group_size: int = 256, rounding: str =
   bits = codec.check_bits(bits)
   group_size = codec.check_group_size(group_size)
   rounding = codec.check_rounding(rounding)
-  reference = lambda x, seed: codec.quantize(x, bits, group_size, rounding, seed)
-  kernel_for = _kernel_for(kernel, dtype, bits, group_size, x)
-  if kernel_for is None:
-    return reference(x, seed)
+  choice = _kernel_for(kernel, dtype, bits, group_size, x)
+  if choice is None:
+    return codec.quantize(x, bits, group_size, rounding, seed)
   from jact.kernels import pallas_codec
-  compiled = lambda interpret: lambda x, seed: pallas_codec.quantize_pallas(
-      x, bits, group_size, rounding, seed, interpret=interpret)
-  return _choose(kernel_for, compiled, reference, x, jnp.asarray(seed, jnp.uint32))
+  if choice == "pallas":  # compiled on a GPU, interpreted elsewhere (the kernel's own rule)
+    return pallas_codec.quantize_pallas(x, bits, group_size, rounding, seed)
+  return _on_gpu(lambda x, seed: pallas_codec.quantize_pallas(x, bits, group_size, rounding, seed, interpret=False),
+                 lambda x, seed: codec.quantize(x, bits, group_size, rounding, seed),
+                 x, jnp.asarray(seed, jnp.uint32))
 
 
 def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
@@ -70,12 +71,13 @@ def dequantize(q: QuantizedArray, kernel: str = "auto") -> jax.Array:
   kernel = check_kernel(kernel)
   if not isinstance(q, QuantizedArray):
     raise TypeError(f"dequantize expects a jact.QuantizedArray, got {type(q).__name__}.")
-  kernel_for = _kernel_for(kernel, q.dtype, q.bits, q.group_size, q.payload)
-  if kernel_for is None:
+  choice = _kernel_for(kernel, q.dtype, q.bits, q.group_size, q.payload)
+  if choice is None:
     return codec.dequantize(q)
   from jact.kernels import pallas_codec
-  compiled = lambda interpret: lambda q: pallas_codec.dequantize_pallas(q, interpret=interpret)
-  return _choose(kernel_for, compiled, codec.dequantize, q)
+  if choice == "pallas":
+    return pallas_codec.dequantize_pallas(q)
+  return _on_gpu(lambda q: pallas_codec.dequantize_pallas(q, interpret=False), codec.dequantize, q)
 
 
 def check_kernel(kernel: Any) -> str:
@@ -86,8 +88,8 @@ def check_kernel(kernel: Any) -> str:
 
 
 def _kernel_for(kernel: str, dtype, bits: int, group_size: int, operand: jax.Array) -> str | None:
-  """Where the Pallas kernel runs: "every platform" ("pallas"; interpreted off GPU), "gpu" (auto:
-  compiled on a GPU, the reference elsewhere), or None (the reference only).
+  """Which implementation runs: "pallas" (the kernel on every platform, interpreted off GPU),
+  "gpu" (auto: the compiled kernel on a GPU, the reference elsewhere), or None (the reference).
 
   "auto" keeps the reference for arrays split over devices: a kernel is one opaque call that
   XLA's partitioner would run on whole arrays, and it cannot take explicitly sharded arrays or
@@ -96,7 +98,7 @@ def _kernel_for(kernel: str, dtype, bits: int, group_size: int, operand: jax.Arr
   if bits not in codec.PACKED_BITS or kernel == "xla":
     return None
   if kernel == "pallas":
-    return "every platform"
+    return "pallas"
   from jact.kernels import supports  # (no Pallas import: see jact.kernels)
   if not (supports(dtype, bits, group_size) and _gpu_possible()) or _split_over_devices(operand):
     return None
@@ -113,11 +115,9 @@ def _split_over_devices(x: jax.Array) -> bool:
   return bool(getattr(aval, "vma", ())) or any(axis is not None for axis in spec)
 
 
-def _choose(kernel_for: str, compiled, reference, *operands):
-  """The kernel where it runs, chosen when the function is lowered (`compiled(interpret)` makes it)."""
-  if kernel_for == "every platform":
-    return jax.lax.platform_dependent(*operands, cuda=compiled(False), rocm=compiled(False), default=compiled(True))
-  return jax.lax.platform_dependent(*operands, cuda=compiled(False), rocm=compiled(False), default=reference)
+def _on_gpu(kernel, reference, *operands):
+  """`kernel(*operands)` where the function is lowered for a GPU, `reference(*operands)` elsewhere."""
+  return jax.lax.platform_dependent(*operands, cuda=kernel, rocm=kernel, default=reference)
 
 
 @functools.cache

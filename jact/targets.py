@@ -60,12 +60,12 @@ def mesh_for(text: str) -> jax.sharding.Mesh:
   return topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=("device",))
 
 
-def on_target(tree: Any, target: str) -> Any:
-  """`tree`'s arrays as abstract values placed on the compile-only GPU `target` (replicated)."""
-  sharding = NamedSharding(mesh_for(target_text(target)), PartitionSpec())
+def on_target(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`tree`'s arrays as abstract values placed on the compile-only GPU of `mesh` (replicated)."""
+  sharding = NamedSharding(mesh, PartitionSpec())
 
   def place(x):
-    if isinstance(x, jax.ShapeDtypeStruct) or hasattr(x, "shape") and hasattr(x, "dtype"):
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     return x
 
@@ -73,13 +73,15 @@ def on_target(tree: Any, target: str) -> Any:
 
 
 def compile_for(jitted: Any, target: str, *args: Any, compiler_options: dict | None = None, **kwargs: Any) -> Any:
-  """`jitted` compiled for the GPU `target` without one: arrays among the arguments become
-  abstract values on that GPU, and Pallas kernels lower for its compute capability."""
-  text = target_text(target)
-  mesh = mesh_for(text)
+  """`jitted` compiled for `target`: "cpu" (this process's default backend), or a GPU without
+  one (see `target_text`): then arrays among the arguments become abstract values on that GPU,
+  and Pallas kernels lower for its compute capability."""
+  if target == "cpu":
+    return jitted.lower(*args, **kwargs).compile(compiler_options=compiler_options)
+  mesh = mesh_for(target_text(target))
   device = mesh.devices.flat[0]
   abstract_device = jax.sharding.AbstractDevice(_kind_for_kernels(device.device_kind), device.core_count, "gpu")
-  args, kwargs = on_target((args, kwargs), target)
+  args, kwargs = on_target((args, kwargs), mesh)
   # Triton lowers a kernel for the device of the abstract mesh in context (the default device
   # here is the CPU).
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=abstract_device)):
