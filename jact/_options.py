@@ -24,8 +24,11 @@ DEFAULT_MIN_SIZE = 4096
 class Options:
   """How a compressed function stores its residuals (see `OPTION_DOCS` for each field).
 
-  `compress_nonlinear` is not a user option: it is set for the outer call of `recompute=True`,
-  which stores the inputs of a recomputation although the recomputation uses them nonlinearly.
+  Not user options: `compress_nonlinear` is set for the outer call of `recompute=True`, which
+  stores the inputs of a recomputation although the recomputation uses them nonlinearly;
+  `numbered` (repeated calls get distinct scopes, see `jact._naming`) is on unless the user named
+  the call or the name is already distinct (a linen module's path); `name_from_caller` makes
+  the recomputed call of `recompute=True` take the scope of the call that stores its inputs.
   """
   policy: policies.Policy = dataclasses.field(default_factory=lambda: policies.uniform(2))
   keep_argnums: tuple[int, ...] = ()
@@ -37,6 +40,8 @@ class Options:
   recompute: bool = False
   name: str | None = None
   compress_nonlinear: bool = False
+  numbered: bool = True
+  name_from_caller: bool = False
 
   @classmethod
   def create(cls, bits: policies.BitsOrPolicy = 2, *, entry: str = "remat_compress",
@@ -70,7 +75,8 @@ class Options:
                rounding=codec.check_rounding(value("rounding")),
                kernel=quantization.check_kernel(value("kernel")),
                recompute=bool(value("recompute")),
-               name=name)
+               name=name,
+               numbered=name is None)
 
   def user_options(self, excluded: Sequence[str] = ()) -> dict[str, Any]:
     """The options as keyword arguments of an entry point (`bits` for the policy)."""

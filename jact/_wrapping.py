@@ -15,7 +15,8 @@ from jact._options import Options
 from jact.transform import compress_with
 
 
-def wrap(options: Options, fun: Callable, *, name: str, num_state: int, positions: Sequence[int]) -> Callable:
+def wrap(options: Options, fun: Callable, *, name: str, num_state: int, positions: Sequence[int],
+         numbered: bool | None = None) -> Callable:
   """`remat_compress` of `fun(*state, *args)`, with the `num_state` state arguments kept.
 
   Args:
@@ -25,6 +26,8 @@ def wrap(options: Options, fun: Callable, *, name: str, num_state: int, position
     num_state: how many leading arguments of `fun` are state.
     positions: for each later argument of `fun`, its position in the decorated callable, so
       that `static_argnums` (counted there) can be found among them.
+    numbered: whether repeated calls get distinct scopes (`jact._naming`); default: unless the
+      user named the call.
 
   Returns:
     The wrapped function.
@@ -38,7 +41,8 @@ def wrap(options: Options, fun: Callable, *, name: str, num_state: int, position
                        "a module itself is never static).")
     static.append(num_state + positions.index(argnum))
   return compress_with(fun, dataclasses.replace(options, keep_argnums=tuple(range(num_state)),
-                                                static_argnums=tuple(static), name=name))
+                                                static_argnums=tuple(static), name=name,
+                                                numbered=options.numbered if numbered is None else numbered))
 
 
 def with_arg_names(fun: Callable, state_names: Sequence[str], source: Callable,

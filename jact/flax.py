@@ -68,7 +68,8 @@ def _lifted_compress(fn: Callable, *, options: Options, method: Callable, defaul
         return fn(scope, *args, **kwargs), repack_fn(scope)
 
       pure = _wrapping.with_arg_names(pure, ("variables", "rngs"), method, positions)
-      return _wrapping.wrap(options, pure, name=scope_name, num_state=2, positions=positions)(
+      return _wrapping.wrap(options, pure, name=scope_name, num_state=2, positions=positions,
+                            numbered=False)(  # the module path is distinct already
           variable_groups, rng_groups, *args, **kwargs)
 
     return lift.pack(packed, (True,), (True,), (True,), name="compress", enable_kwargs=True)(

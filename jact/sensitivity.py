@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jact import _context, codec
+from jact import _context, _naming, codec
 from jact.info import ResidualInfo
 from jact.policies import Calibrated, CalibratedResidual
 
@@ -141,7 +141,8 @@ class _Probed:
         out = loss_fn(*args, **kwargs)
         return (out[0] if has_aux else out), dict(probe.captured)
 
-      with _context.probing(probe):
+      # Numbered from the start at each probed gradient, as the estimators evaluate several in one program.
+      with _context.probing(probe), _naming.counting_calls():
         return jax.grad(loss, argnums=argnums, has_aux=True)(*args)
 
     self.gradient = gradient

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jact import _context, _jaxpr, _options, _vjp, policies
+from jact import _context, _jaxpr, _naming, _options, _vjp, policies
 from jact._classify import InputKind, input_kind
 from jact._options import DEFAULT_GROUP_SIZE, DEFAULT_MIN_SIZE, Options  # noqa: F401  (re-exported)
 from jact.codec import hashing
@@ -104,8 +104,10 @@ def compress_with(fun: Callable, options: Options) -> Callable:
   options = dataclasses.replace(options, name=options.name or getattr(fun, "__name__", type(fun).__name__))
   if options.recompute:
     # Store only the inputs of `fun`, compressed even though the recomputation uses them
-    # nonlinearly; in the backward pass jax.checkpoint reruns the compressed `fun`.
-    inner = functools.wraps(fun)(jax.checkpoint(compress_with(fun, dataclasses.replace(options, recompute=False)),
+    # nonlinearly; in the backward pass jax.checkpoint reruns the compressed `fun`, whose
+    # recomputed residuals take the names of the call that stores the inputs.
+    inner_options = dataclasses.replace(options, recompute=False, numbered=False, name_from_caller=True)
+    inner = functools.wraps(fun)(jax.checkpoint(compress_with(fun, inner_options),
                                                 static_argnums=options.static_argnums))
     return _compressed_call(inner, dataclasses.replace(options, recompute=False, compress_nonlinear=True))
   return _compressed_call(fun, options)
@@ -124,13 +126,13 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
     names = _arg_names(fun, len(args))
     dynamic = [i for i in range(len(args)) if i not in options.static_argnums]
     path_leaves, in_tree = jax.tree_util.tree_flatten_with_path(([args[i] for i in dynamic], kwargs))
-    leaves = [leaf for _, leaf in path_leaves]
+    # Leaves that are not arrays (functions, strings, Python bools and ints) are static, as
+    # Equinox's filter_jit treats them: they are closed over, not traced.
+    traced_at = [j for j, (_, leaf) in enumerate(path_leaves) if _is_traced_leaf(leaf)]
+    leaves = [path_leaves[j][1] for j in traced_at]
+    static_leaves = tuple((j, type(leaf), leaf) for j, (_, leaf) in enumerate(path_leaves) if not _is_traced_leaf(leaf))
     kinds, labels = [], []
-    for path, leaf in path_leaves:
-      if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
-        raise TypeError(f"{base_scope}: argument {jax.tree_util.keystr(path)} is a "
-                        f"{type(leaf).__name__}, not an array; pass non-array arguments through "
-                        "static_argnums.")
+    for path, leaf in (path_leaves[j] for j in traced_at):
       top = path[0].idx if hasattr(path[0], "idx") else 1
       if top == 0:  # a positional argument
         position = dynamic[path[1].idx]
@@ -139,19 +141,28 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
       else:
         labels.append("/".join(_key_label(p) for p in path[1:]))
         kinds.append(input_kind(leaf, False))
-    scope = "/".join(_jaxpr.current_scope() + [base_scope])
+    if options.name_from_caller:
+      scope = _naming.caller_scope()
+    else:
+      scope = "/".join(_jaxpr.current_scope() + [base_scope])
+      scope = _naming.numbered(scope) if options.numbered else scope
     override = _context.current().policy
-    key = _trace_key(in_tree, leaves, [args[i] for i in options.static_argnums], scope, override)
+    static = ([args[i] for i in options.static_argnums], static_leaves)
+    key = _trace_key(in_tree, leaves, static, scope, override)
     entry = _EAGER_TRACES.get((wrapped_id, key)) if key is not None else None
     if entry is None:
       out_tree = []
 
-      def flat_fun(*leaves):
-        dyn, kw = jax.tree.unflatten(in_tree, leaves)
+      def flat_fun(*traced_leaves):
+        all_leaves = [leaf for _, leaf in path_leaves]
+        for j, leaf in zip(traced_at, traced_leaves):
+          all_leaves[j] = leaf
+        dyn, kw = jax.tree.unflatten(in_tree, all_leaves)
         full = list(args)
         for i, value in zip(dynamic, dyn):
           full[i] = value
-        outs, tree = jax.tree.flatten(fun(*full, **kw))
+        with _naming.calling(scope):
+          outs, tree = jax.tree.flatten(fun(*full, **kw))
         out_tree.append(tree)
         return outs
 
@@ -169,6 +180,14 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
 
   wrapped_id = object()  # this wrapper's part of the keys of _EAGER_TRACES
   return wrapped
+
+
+def _is_traced_leaf(leaf: Any) -> bool:
+  """Whether an argument leaf is traced: arrays (JAX, NumPy, tracers) and Python floats and
+  complex numbers. Everything else -- functions, strings, Python bools and ints, other objects --
+  is passed to the function as it is."""
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, complex, jax.core.Tracer)) \
+      or hasattr(leaf, "__jax_array__")
 
 
 # --- traces of eager calls -----------------------------------------------------------------------

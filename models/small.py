@@ -96,6 +96,29 @@ def transformer_block() -> Model:
   return loss, params, x
 
 
+def residual_stack(gains: Sequence[float] = (1.0,) * 6, width: int = 96, batch: int = 128) -> Model:
+  """`x + gain_i * gelu(x @ w_i)` for each `w_i`, through ONE compressed `layer` called once per
+  layer (the README's first example): no names or scopes tell the calls apart, so per-layer
+  calibration rests on jact numbering repeated calls. A layer's residuals matter in proportion
+  to its `gain` (the gradient reaching it), so their sensitivities scale like `gain**2`."""
+  key = jax.random.key(6)
+  params = [jax.random.normal(jax.random.fold_in(key, i), (width, width)) / width**0.5
+            for i in range(len(gains))]
+  x = jax.random.normal(jax.random.key(7), (batch, width))
+
+  def loss(bits):
+    def layer(h, w):
+      return jax.nn.gelu(h @ w)
+    layer = jact.remat_compress(layer, bits=bits, keep_argnums=(1,), min_size=0)
+
+    def f(params, x, rng=None):
+      for i, w in enumerate(params):
+        x = x + gains[i] * layer(x, w, rng=_rng(rng, i))
+      return jnp.mean(jnp.sin(x))
+    return f
+  return loss, params, x
+
+
 MODELS: dict[str, Callable[[], Model]] = {"mlp": mlp, "cnn_batchnorm": cnn_batchnorm,
                                           "transformer": transformer_block}
 

@@ -50,6 +50,21 @@ def test_allocation_pays_where_sensitivities_differ():
   assert uniform >= 2 * calibrated, (uniform, calibrated)
 
 
+def test_repeated_calls_are_calibrated_per_call():
+  """The README's first example: one wrapped `layer` called once per layer, no names, no scopes.
+  Each call's residuals get their own name, so calibration chooses per layer: with gains spanning
+  3.5 orders of magnitude, calibrated avg 2 bits measures at least 5x less gradient variance than
+  uniform 2 bits at the same bytes (prediction: ~20x; 64 seeds estimate each variance to ~25%)."""
+  loss, params, x = small.residual_stack(gains=(0.001, 0.004, 0.02, 0.1, 0.5, 3.0))
+  policy = jact.calibrate(loss(2), params, x, avg_bits=2, progress=False)
+  scopes = {r.name.split("/")[0] for r in policy.residuals}
+  assert scopes == {"layer"} | {f"layer_{i}" for i in range(1, 6)}, scopes
+  assert len({r.bits for r in policy.residuals}) > 1
+  assert policy.stored_nbytes <= sum(r.stored_nbytes_at(2) for r in policy.residuals)
+  calibrated, uniform = measured_variance(loss, params, x, policy), measured_variance(loss, params, x, 2)
+  assert uniform >= 5 * calibrated, (uniform, calibrated)
+
+
 @pytest.mark.parametrize("method, bits", [("jvp", 2), ("gact", 1)])
 def test_estimators_agree(method, bits):
   """At the width each measures: "jvp" probes 2-bit noise, "gact" measures 1-bit gradients (its
