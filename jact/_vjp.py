@@ -34,8 +34,9 @@ class Traced:
   """The compressed form of one traced function (see the module docstring)."""
 
   def __init__(self, fun_jaxpr, num_consts: int, kinds: Sequence[InputKind], labels: Sequence[str],
-               scope: str, options: Options):
+               scope: str, options: Options, twin_key: tuple | None = None):
     self.fun_jaxpr, self.num_consts, self.scope, self.options = fun_jaxpr, num_consts, scope, options
+    self.twin_key = twin_key  # equal for calls that differ only in their names (see _share_rules)
     self.chains = chains_lib.find_chains(fun_jaxpr)
     self.own_kinds = list(kinds)
     # Loops whose residuals the loop itself would stack at full precision run with their body
@@ -88,10 +89,31 @@ class Traced:
         _loops.warn_of_loop_stacks(self.scope, _loops.stacked_by_loops(plan.infos))
         if self.loop_rules:
           plan.table = _loops.table_with_loop_bodies(plan.infos, list(self.loop_rules.values()))
+        self._share_rules(plan, key)
       self.plans[key] = plan
     if not probing:
       self.last_plan = self.plans[key]
     return self.plans[key]
+
+  def _share_rules(self, plan: Plan, key: tuple) -> None:
+    """Gives `plan` the compiled rules of an earlier plan that differs from it only in names.
+
+    Repeated calls of one function get distinct names (`jact._naming`) so that policies can tell
+    them apart; where they store every residual alike, one compiled forward and backward rule
+    serves them all (`jact._schedule.rule`: XLA compiles it once per network, not per layer).
+    Calls whose loops run compressed on their own are not shared: their bodies' rules differ.
+    """
+    if self.twin_key is None or self.loop_rules or self.candidate_loop_rules:
+      return
+    label = lambda name: name.removeprefix(self.scope + "/")
+    storage = tuple(dataclasses.replace(info, name=label(info.name), rebuilt_from=label(info.rebuilt_from))
+                    for info in plan.infos)
+    try:
+      plan.compiled_rules = _SHARED_RULES.setdefault((self.twin_key, key, storage), plan.compiled_rules)
+    except TypeError:  # an unhashable part: not shared
+      pass
+    if len(_SHARED_RULES) > _TRACED_CAPACITY:
+      _SHARED_RULES.pop(next(iter(_SHARED_RULES)))
 
   def _build(self, inputs) -> Plan:
     return build_plan(self.pure, inputs, self.kinds, self.labels, self.scope, self.options)
@@ -180,12 +202,15 @@ def _warn_second_order(scope: str) -> None:
 
 _TRACED: dict[tuple, Traced] = {}
 _TRACED_CAPACITY = 256
+_SHARED_RULES: dict[tuple, dict] = {}  # see Traced._share_rules
 
 
 def traced_for(fun_jaxpr, num_consts: int, kinds: Sequence[InputKind], labels: Sequence[str], scope: str,
                options: Options) -> Traced:
   """The `Traced` of a function, shared with every earlier call of the same structure."""
-  key = (_structure(fun_jaxpr), num_consts, tuple(kinds), tuple(labels), scope, options)
+  twin_key = (_structure(fun_jaxpr), num_consts, tuple(kinds), tuple(labels),
+              dataclasses.replace(options, name=None, numbered=False, name_from_caller=False))
+  key = (twin_key, scope, options)
   try:
     entry = _TRACED.get(key)
   except TypeError:  # an unhashable policy: no sharing
@@ -193,13 +218,14 @@ def traced_for(fun_jaxpr, num_consts: int, kinds: Sequence[InputKind], labels: S
   if entry is None:
     if len(_TRACED) >= _TRACED_CAPACITY:
       _TRACED.pop(next(iter(_TRACED)))
-    entry = _TRACED[key] = Traced(fun_jaxpr, num_consts, kinds, labels, scope, options)
+    entry = _TRACED[key] = Traced(fun_jaxpr, num_consts, kinds, labels, scope, options, twin_key)
   return entry
 
 
 def clear_cache() -> None:
   """Forgets every shared `Traced` (and so its plans and compiled rules)."""
   _TRACED.clear()
+  _SHARED_RULES.clear()
 
 
 def _structure(jaxpr) -> tuple:

@@ -8,7 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from jact import _options, flax as jact_linen, nnx as jact_nnx, policies
+from jact import _equinox, _options, flax as jact_linen, nnx as jact_nnx, policies
 from jact._options import Options
 
 NOTES = {"static_argnums": "positional arguments passed as they are, counted as written (`self` is 0 for "
@@ -26,6 +26,9 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, **options: Any
   * a linen Module class: `jact.compressed(target)`, a class with the same name and variables;
   * a Flax NNX Module class or instance: `jact.nnx.compress(target)` (an instance is changed in
     place, see there);
+  * an Equinox Module class or instance: a subclass with the same name and fields whose
+    `__call__` is compressed, the module's parameters kept (for an instance, a new instance of
+    that subclass: Equinox modules are immutable);
   * a function or method: at each call, a linen module as first argument takes the linen path
     (as `compressed` on a method, so it can decorate `@nn.compact __call__`); otherwise NNX
     modules among the positional arguments are split into parameters and state (kept) and the
@@ -59,9 +62,11 @@ def compress(target: Any = None, bits: policies.BitsOrPolicy = 2, **options: Any
     return jact_linen.compressed_with(target, checked)  # an instance: it explains what to pass instead
   if jact_nnx.is_module(target):
     return jact_nnx.compress_with(target, checked)
+  if _equinox.is_module(target):
+    return _equinox.compress_with(target, checked)
   if not callable(target) or inspect.isclass(target):
     raise TypeError(f"jact.compress expects a linen Module class, a Flax NNX Module (class or "
-                    f"instance), a method or a function; got {target!r} of type "
+                    f"instance), an Equinox Module (class or instance), a method or a function; got {target!r} of type "
                     f"{type(target).__name__}.")
   linen_method = jact_linen.compressed_with(target, checked)
   other = jact_nnx.compress_function_with(target, checked)

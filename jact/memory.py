@@ -64,7 +64,9 @@ def compiled(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> Co
   Args:
     fn: a function, or an already jitted one (its own `static_argnums`, shardings and donation are
       then used).
-    *args, **kwargs: arrays or `jax.ShapeDtypeStruct`s (no data is needed).
+    *args, **kwargs: pytrees of arrays or `jax.ShapeDtypeStruct`s (no data is needed). For a
+      function that is not jitted yet, leaves that are not arrays or numbers (an Equinox
+      module's activation functions, strings) are passed as they are, as `eqx.filter_jit` does.
     target: "cpu" (this process's default backend), "h100" or "h200" (XLA:GPU compiling for that
       card without one: the figure that decides whether a batch fits there; needs
       `pip install 'jax-act[gpu-compile]'`, see `jact.targets`), or another GPU's target
@@ -73,8 +75,11 @@ def compiled(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> Co
   Returns:
     A `CompiledMemory`; `temp` is the figure that falls when residuals are compressed.
   """
-  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-  analysis = targets.compile_for(jitted, target, *args, **kwargs).memory_analysis()
+  if hasattr(fn, "lower"):
+    analysis = targets.compile_for(fn, target, *args, **kwargs).memory_analysis()
+  else:
+    jitted, arrays = _jit_of_arrays(fn, args, kwargs)
+    analysis = targets.compile_for(jitted, target, *arrays).memory_analysis()
   if analysis is None:
     raise RuntimeError(f"the {target} compiler reports no memory analysis for this executable.")
   return CompiledMemory(temp=int(analysis.temp_size_in_bytes),
@@ -82,6 +87,21 @@ def compiled(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> Co
                         output=int(analysis.output_size_in_bytes),
                         alias=int(analysis.alias_size_in_bytes),
                         generated_code=int(analysis.generated_code_size_in_bytes))
+
+
+def _jit_of_arrays(fn: Callable, args: tuple, kwargs: dict) -> tuple[Callable, list]:
+  """`jax.jit` of `fn` as a function of the array (and number) leaves of its arguments alone, the
+  other leaves closed over, returning the array leaves of its result; and those array leaves."""
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  traced = [(hasattr(x, "shape") and hasattr(x, "dtype")) or isinstance(x, (bool, int, float, complex))
+            for x in leaves]
+
+  def call(*arrays):
+    arrays, others = iter(arrays), iter(x for x, t in zip(leaves, traced) if not t)
+    call_args, call_kwargs = jax.tree.unflatten(tree, [next(arrays) if t else next(others) for t in traced])
+    return [x for x in jax.tree.leaves(fn(*call_args, **call_kwargs)) if isinstance(x, jax.Array)]
+
+  return jax.jit(call), [x for x, t in zip(leaves, traced) if t]
 
 
 class Buffer(NamedTuple):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jact import _context, _jaxpr, _naming, _options, _vjp, policies
+from jact import _context, _haiku, _jaxpr, _naming, _options, _vjp, policies
 from jact._classify import InputKind, input_kind
 from jact._options import DEFAULT_GROUP_SIZE, DEFAULT_MIN_SIZE, Options  # noqa: F401  (re-exported)
 from jact.codec import hashing
@@ -147,7 +147,7 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
       scope = "/".join(_jaxpr.current_scope() + [base_scope])
       scope = _naming.numbered(scope) if options.numbered else scope
     override = _context.current().policy
-    static = ([args[i] for i in options.static_argnums], static_leaves)
+    static = (tuple(args[i] for i in options.static_argnums), static_leaves)
     key = _trace_key(in_tree, leaves, static, scope, override)
     entry = _EAGER_TRACES.get((wrapped_id, key)) if key is not None else None
     if entry is None:
@@ -166,7 +166,9 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
         out_tree.append(tree)
         return outs
 
+      haiku_values = _haiku.values_in_frame()
       fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
+      _haiku.check_no_leak(haiku_values, scope)
       consts = list(fun_jaxpr.consts)
       call_options = options if override is None else dataclasses.replace(options, policy=override)
       traced = _vjp.traced_for(fun_jaxpr.jaxpr, len(consts), [InputKind.KEPT] * len(consts) + kinds,
@@ -203,9 +205,9 @@ _EAGER_TRACES: collections.OrderedDict = collections.OrderedDict()
 _EAGER_TRACES_CAPACITY = 512
 
 
-def _trace_key(in_tree, leaves, static: list[Any], scope: str, override) -> tuple | None:
+def _trace_key(in_tree, leaves, static: tuple, scope: str, override) -> tuple | None:
   """The key under which a call's trace is reused, like `jax.jit`'s cache: the argument tree, the
-  leaves' types, static arguments by value, the name scope and a `use_policy` in force. None for
+  leaves' types, static arguments and non-array leaves by value, the name scope and a `use_policy` in force. None for
   a call under a transformation (tracers among the leaves: the enclosing trace is what is cached)
   or with unhashable static arguments."""
   if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):

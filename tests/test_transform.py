@@ -162,10 +162,72 @@ def test_bad_arguments():
     jact.remat_compress(layer, keep_argnums=(-1,))
   with pytest.raises(ValueError, match="called with 2 positional arguments"):
     jact.remat_compress(layer, keep_argnums=(5,))(jnp.ones((2, 2)), jnp.ones((2, 2)))
-  with pytest.raises(TypeError, match="static_argnums"):
-    jact.remat_compress(lambda x, mode: x)(jnp.ones(3), "train")
   with pytest.raises(TypeError, match="bits must be"):
     jact.remat_compress(layer, bits="two")
+
+
+def test_non_array_arguments_are_static():
+  """Functions, strings, None, Python bools and ints pass through as they are (as Equinox's
+  filter_jit treats them), anywhere in the argument tree; they select the trace, like static
+  arguments (True and 1 are different values here); arrays and Python floats are traced."""
+  traces = []
+
+  def f(x, config, *, train):
+    traces.append((config["act"], config["mode"], config["n"], train))
+    y = config["act"](x) * config["n"]
+    return y if train else -y
+
+  g = jact.remat_compress(f, bits=8, min_size=0)
+  x = jax.random.normal(jax.random.key(0), (64, 64))
+  config = {"act": jnp.tanh, "mode": "train", "n": 3, "unused": None}
+  for train in (True, True, False, 1):
+    np.testing.assert_allclose(g(x, config, train=train), f(x, config, train=train), rtol=1e-6)
+  assert len(traces) == 4 + 3  # f's own 4 calls; g traces for True, False and 1
+  grad = jax.grad(lambda x, scale: jnp.sum(g(x * scale, config, train=True) ** 2), argnums=(0, 1))(x, 2.0)
+  want = jax.grad(lambda x, scale: jnp.sum(f(x * scale, config, train=True) ** 2), argnums=(0, 1))(x, 2.0)
+  assert rel_err(grad, want) < 4 / 255
+
+
+def test_repeated_calls_get_distinct_stable_names():
+  """The n-th call of one wrapped function in a traced computation is scoped `name_n` (the
+  first keeps `name`), the same at every trace; named scopes and an explicit name= decide
+  instead; a lax.scan body is one body."""
+  layer = jact.remat_compress(lambda x, w: jnp.tanh(x @ w), bits=8, keep_argnums=(1,), min_size=0, name=None)
+  named = jact.remat_compress(lambda x, w: jnp.tanh(x @ w), bits=8, keep_argnums=(1,), min_size=0, name="shared")
+  ws, x = mlp_data()
+
+  def loss(ws, x):
+    for w in ws[:3]:
+      x = layer(x, w)
+    with jax.named_scope("head"):
+      x = layer(x, ws[3])
+    x = jax.lax.scan(lambda h, w: (layer(h, w), None), x, jnp.stack(ws[:2]))[0]
+    x = named(named(x, ws[0]), ws[1])
+    return jnp.sum(x)
+
+  scopes = lambda: [r.name.rsplit("/", 1)[0] for r in jact.residuals(loss, ws, x) if r.name.endswith("/x")]
+  expected = ["<lambda>", "<lambda>_1", "<lambda>_2", "head/<lambda>", "<lambda>_3", "shared", "shared"]
+  assert scopes() == expected
+  assert scopes() == expected  # traced again: the same names
+  policy = jact.policies.by_name({"<lambda>_1/*": 4})
+  with jact.use_policy(policy):
+    table = jact.residuals(loss, ws, x)
+  assert {r.name.split("/")[0]: r.bits for r in table if r.compressed}["<lambda>_1"] == 4
+
+
+def test_calls_named_apart_store_apart():
+  """Two calls of one function given different widths by name are compiled apart: the second
+  call's input gradient, which only its own residuals carry, is exact at 32 bits while the first
+  call rounds at 2 (shared rules would round both or neither)."""
+  plain = lambda x, w: jnp.tanh(x @ w)
+  ws, x = mlp_data()
+  loss_of = lambda layer: lambda a, b: jnp.sum(layer(a, ws[0]) ** 2) + jnp.sum(layer(b, ws[0]) ** 2)
+  loss = loss_of(jact.remat_compress(plain, keep_argnums=(1,), min_size=0))
+  exact = jax.grad(loss_of(plain), argnums=(0, 1))(x, x)
+  with jact.use_policy(jact.policies.by_name({"<lambda>/*": 2, "<lambda>_1/*": 32})):
+    first, second = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, x)
+  assert rel_err(second, exact[1]) < 1e-6
+  assert rel_err(first, exact[0]) > 1e-3
 
 
 def test_residual_table_of_a_compressed_function_passed_directly():
