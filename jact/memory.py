@@ -65,8 +65,8 @@ def compiled(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> Co
     fn: a function, or an already jitted one (its own `static_argnums`, shardings and donation are
       then used).
     *args, **kwargs: pytrees of arrays or `jax.ShapeDtypeStruct`s (no data is needed). For a
-      function that is not jitted yet, leaves that are not arrays or numbers (an Equinox
-      module's activation functions, strings) are passed as they are, as `eqx.filter_jit` does.
+      function that is not jitted yet, leaves that are not arrays (an Equinox module's activation
+      functions and flags, Python numbers) are passed as they are, as `eqx.filter_jit` does.
     target: "cpu" (this process's default backend), "h100" or "h200" (XLA:GPU compiling for that
       card without one: the figure that decides whether a batch fits there; needs
       `pip install 'jax-act[gpu-compile]'`, see `jact.targets`), or another GPU's target
@@ -90,11 +90,11 @@ def compiled(fn: Callable, *args: Any, target: str = "cpu", **kwargs: Any) -> Co
 
 
 def _jit_of_arrays(fn: Callable, args: tuple, kwargs: dict) -> tuple[Callable, list]:
-  """`jax.jit` of `fn` as a function of the array (and number) leaves of its arguments alone, the
-  other leaves closed over, returning the array leaves of its result; and those array leaves."""
+  """`jax.jit` of `fn` as a function of the array leaves of its arguments alone (arrays and
+  `jax.ShapeDtypeStruct`s), the other leaves (Python numbers too) closed over, returning the array
+  leaves of its result; and those array leaves."""
   leaves, tree = jax.tree.flatten((args, kwargs))
-  traced = [(hasattr(x, "shape") and hasattr(x, "dtype")) or isinstance(x, (bool, int, float, complex))
-            for x in leaves]
+  traced = [hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves]
 
   def call(*arrays):
     arrays, others = iter(arrays), iter(x for x, t in zip(leaves, traced) if not t)

@@ -1,4 +1,5 @@
-"""The README's Flax training loops run as written and train (the README must stay true)."""
+"""The README's training loops (Flax linen and NNX, Equinox, Haiku) run as written and train
+(the README must stay true)."""
 
 import contextlib
 import io
@@ -15,15 +16,16 @@ def section(title: str) -> str:
   return text[start:end if end >= 0 else None]
 
 
-def test_flax_training_loops_in_the_readme_train():
-  blocks = re.findall(r"```python\n(.*?)```", section("Flax"), re.S)
-  assert len(blocks) == 2  # linen, then NNX (which reuses the first block's data)
+def test_training_loops_in_the_readme_train():
+  blocks = [block for title in ("Flax", "Equinox", "Haiku")
+            for block in re.findall(r"```python\n(.*?)```", section(title), re.S)]
+  assert len(blocks) == 4  # linen, NNX, Equinox, Haiku (the later ones reuse the first's data)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
     namespace = {}
     for block in blocks:
       exec(compile(block, str(README), "exec"), namespace)
-  accuracies = dict(re.findall(r"(linen|nnx), 4 bits: test accuracy ([\d.]+)", printed.getvalue()))
-  assert set(accuracies) == {"linen", "nnx"}, printed.getvalue()
-  # Uncompressed, both reach about 0.95 on the last 297 digits; chance is 0.10.
+  accuracies = dict(re.findall(r"(linen|nnx|equinox|haiku), 4 bits: test accuracy ([\d.]+)", printed.getvalue()))
+  assert set(accuracies) == {"linen", "nnx", "equinox", "haiku"}, printed.getvalue()
+  # Uncompressed, each reaches about 0.95 on the last 297 digits; chance is 0.10.
   assert all(float(a) > 0.9 for a in accuracies.values()), accuracies
