@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from jact._options import Options
+from jact.transform import compress_with as compress_function
 
 
 def is_module(target: Any) -> bool:
@@ -32,8 +33,6 @@ def is_module(target: Any) -> bool:
 
 def compress_with(target: Any, options: Options) -> Any:
   """The compressed class of an Equinox Module class, or an instance of it for an instance."""
-  from jact.transform import compress_with as compress_function  # transform imports nothing of ours that imports this
-
   cls = target if inspect.isclass(target) else type(target)
   if getattr(cls, "__jact_compressed__", False):
     raise TypeError(f"jact.compress: {cls.__name__} is already compressed.")

@@ -14,8 +14,9 @@ and returns it. Either way the attributes, and so the state paths, are those of 
 module: checkpoints load unchanged, and a parent module holding the block keeps holding it.
 
 Residual names are `<name>/<label>`, with `name` the class name unless given. NNX modules do not
-know their path in the model, so give distinct names (`name=f"blocks/{i}"`) when the residuals
-of several instances of one class must be told apart (`jact.policies.by_name`, calibration).
+know their path in the model: repeated calls of one class are numbered in trace order
+(`Block`, `Block_1`, ...; see `jact._naming`), so policies and calibration address each; a
+`name=` given is used as it is, for every call.
 """
 
 from __future__ import annotations

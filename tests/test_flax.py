@@ -515,3 +515,28 @@ def test_static_argnums_naming_the_module_is_an_error():
   model = jact.compressed(Layer, 8, static_argnums=0)()
   with pytest.raises(ValueError, match="static_argnums"):
     model.init(jax.random.key(0), x)
+
+
+class TrainBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.BatchNorm(use_running_average=not train)(nn.Dense(64)(x))
+    return nn.gelu(x) if train else -nn.gelu(x)
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_python_bool_argument_needs_no_static_argnums(as_keyword):
+  """`train: bool` is static without static_argnums (nn.remat would need it): both values run,
+  and gradients and batch statistics are exact at 32 bits."""
+  x = jax.random.normal(jax.random.key(0), (32, 16))
+  plain, compressed = TrainBlock(), jact.compressed(TrainBlock, bits=32)()
+  variables = plain.init(jax.random.key(1), x, False)
+  call = lambda model, train: (lambda v: model.apply(v, x, train=train, mutable=["batch_stats"])) if as_keyword \
+      else (lambda v: model.apply(v, x, train, mutable=["batch_stats"]))
+  for train in (True, False):
+    out, state = call(compressed, train)(variables)
+    want, want_state = call(plain, train)(variables)
+    assert relative_error(out, want) < 1e-6 and relative_error(state, want_state) < 1e-6
+  loss = lambda model: lambda params: jnp.sum(call(model, True)({**variables, "params": params})[0] ** 2)
+  assert relative_error(jax.grad(loss(compressed))(variables["params"]),
+                        jax.grad(loss(plain))(variables["params"])) < 1e-5
