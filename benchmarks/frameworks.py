@@ -8,8 +8,10 @@ Models (abstract shapes: nothing runs, only XLA compiles):
 - Equinox: a ViT-S/16-sized encoder (12 pre-LayerNorm blocks of `eqx.nn.MultiheadAttention` and a
   GELU MLP, width 384, 6 heads, 197 tokens), batch 64. Per block, the way a user writes it:
   `call = eqx.filter_checkpoint(lambda b, x: b(x))` against
-  `call = jact.remat_compress(lambda b, x: b(x), bits=2, keep_argnums=(0,))`; jact's repeated
-  calls are numbered per block, so a calibrated policy could address each.
+  `call = jact.remat_compress(lambda b, x: b(x), bits=2, keep_argnums=(0,))` (and with
+  `recompute=True`: checkpoint's trade, the stored inputs and the recomputed residuals
+  compressed); jact's repeated calls are numbered per block, so a calibrated policy could
+  address each.
 - Haiku: `hk.nets.ResNet50` with `hk.transform_with_state` (BatchNorm state), batch 32 at
   224x224. The whole loss is wrapped once -- `jax.checkpoint(loss)` against
   `jact.remat_compress(loss, bits=2, keep_argnums=(0, 1))` -- since Haiku modules cannot be
@@ -86,7 +88,9 @@ def equinox_case(small: bool):
   plain = lambda b, x: b(x)
   variants = {"baseline": equinox_loss(plain),
               "eqx.filter_checkpoint per block": equinox_loss(eqx.filter_checkpoint(plain)),
-              "jact 2 bits per block": equinox_loss(jact.remat_compress(plain, bits=2, keep_argnums=(0,)))}
+              "jact 2 bits per block": equinox_loss(jact.remat_compress(plain, bits=2, keep_argnums=(0,))),
+              "jact 2 bits + recompute per block": equinox_loss(
+                  jact.remat_compress(plain, bits=2, keep_argnums=(0,), recompute=True))}
   step = lambda loss: lambda model, x, labels: eqx.filter_grad(loss)(model, x, labels)
   name = f"Equinox ViT ({depth}x{width}, {tokens} tokens)"
   return name, batch, {k: (step(v), (model, x, labels)) for k, v in variants.items()}

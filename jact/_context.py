@@ -38,6 +38,7 @@ class _State:
   policy: Any = None
   regions: list | None = None
   probe: Probe | None = None
+  enclosed: bool = False  # traced to be analysed by an enclosing compressed call or jact.residuals
 
 
 def current() -> _State:
@@ -93,6 +94,15 @@ def collecting() -> Iterator[list]:
 @contextlib.contextmanager
 def collecting_nothing() -> Iterator[None]:
   with _replaced(regions=None):
+    yield
+
+
+@contextlib.contextmanager
+def enclosed() -> Iterator[None]:
+  """Compressed calls traced in this block are parts of an enclosing compressed call (or of a
+  function `jact.residuals` describes): they hand their backward pass no inputs for exact
+  second-order derivatives, which the enclosing call computes itself (see `jact._vjp`)."""
+  with _replaced(enclosed=True):
     yield
 
 

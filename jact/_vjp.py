@@ -14,7 +14,6 @@ The custom_vjp closes over no tracer (constants and closed-over values arrive as
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -81,7 +80,7 @@ class Traced:
     key = (tuple(jax.typeof(x) for x in inputs), probing)
     if key not in self.plans:
       # Compressed calls nested in this one are traced here only to find this call's residuals.
-      with _context.collecting_nothing():
+      with _context.collecting_nothing(), _context.enclosed():
         plan = self._build(inputs)
         if not probing and self.candidate_loop_rules and not self.loop_rules:
           plan = self._with_loops_compressed(plan, inputs)
@@ -152,23 +151,62 @@ class Traced:
   def forward(self, seed, *inputs):
     inputs = self.with_seed(seed, inputs)
     plan = self.plan_for(inputs)
-    regions = _context.current().regions
-    if _differentiated(inputs):
-      # This call's backward pass is itself differentiated (grad of grad, jax.hessian, a gradient
-      # penalty): a rounded residual would carry no derivative of the input it came from, so the
-      # second-order result would be silently wrong. Everything is stored as it is: exact.
-      _warn_second_order(self.scope)
-      outs, stored = _schedule.run_forward_uncompressed(plan, self.options, seed, inputs)
-    else:
-      outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
-    if regions is not None:
+    state = _context.current()
+    outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
+    if state.regions is not None:
+      regions = state.regions
       regions.append(ResidualTable(plan.infos if plan.table is None else plan.table))
     # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
-    return outs, _schedule.Stored(_schedule.marked(plan, stored, by_reference=regions is None), plan)
+    stored = _schedule.marked(plan, stored, by_reference=state.regions is None)
+    own_inputs = None if state.enclosed else list(self.own_gradients(inputs))
+    return outs, _schedule.Stored(stored, plan, own_inputs)
 
   def backward(self, res: _schedule.Stored, cts):
-    grads = _schedule.rule(res.plan, "backward", self.options)(res.arrays, list(cts))
-    return (np.zeros((), jax.dtypes.float0), *self.own_gradients(grads))
+    if res.inputs is None:  # part of an enclosing compressed call, which differentiates itself
+      grads = self.own_gradients(_schedule.rule(res.plan, "backward", self.options)(res.arrays, list(cts)))
+    else:
+      grads = self._differentiable_backward(res.plan)(res.arrays, res.inputs, list(cts))
+    return (np.zeros((), jax.dtypes.float0), *grads)
+
+  def _differentiable_backward(self, plan: Plan) -> Callable:
+    """The backward rule of `plan` as a function of (stored arrays, the call's inputs,
+    cotangents) whose own derivative is exact.
+
+    Differentiating a backward pass (grad of grad, jax.hessian, Hessian-vector products, a
+    gradient penalty) through rounded residuals would be silently wrong: a code carries no
+    derivative of the value it rounds. So the backward pass's value comes from the stored
+    residuals, as in any step, and its derivative from the call's full-precision inputs: the
+    JVP of the uncompressed function's VJP. Second-order results are then the exact ones, up to
+    the first-order gradient's own rounding noise where they multiply it (unbiased: stochastic
+    rounding). Only that differentiation reads the inputs.
+    """
+    if "differentiable" not in plan.compiled_rules:
+      backward = _schedule.rule(plan, "backward", self.options)
+
+      @jax.custom_jvp
+      def differentiable(stored, inputs, cts):
+        return list(self.own_gradients(backward(stored, cts)))
+
+      @differentiable.defjvp
+      def derivative(primals, tangents):
+        stored, inputs, cts = primals
+        _, inputs_dot, cts_dot = tangents
+        _, grads_dot = jax.jvp(self._exact_vjp, (inputs, cts), (inputs_dot, cts_dot))
+        return differentiable(stored, inputs, cts), grads_dot
+
+      plan.compiled_rules["differentiable"] = differentiable
+    return plan.compiled_rules["differentiable"]
+
+  def _exact_vjp(self, inputs, cts) -> list[Any]:
+    """Input cotangents of the uncompressed function (as jax.vjp gives them; FIXED inputs get none)."""
+    own_kinds = self.own_kinds
+
+    def fun(*xs):
+      xs = [jax.lax.stop_gradient(x) if k is InputKind.FIXED else x for x, k in zip(xs, own_kinds)]
+      return jax.core.eval_jaxpr(self.fun_jaxpr, xs[:self.num_consts], *xs[self.num_consts:])
+
+    _, pullback = jax.vjp(fun, *inputs)
+    return list(pullback(list(cts)))
 
   def call(self, seed, inputs) -> list[Any]:
     """Runs the call: through `core`, or while calibrate probes through the probing rules.
@@ -184,18 +222,6 @@ class Traced:
   def call_exposing(self, seed, inputs) -> list[Any]:
     """A loop body's call while calibrate probes (see `jact._probing`)."""
     return self.probing.exposed(seed, *inputs)
-
-
-def _differentiated(values) -> bool:
-  """Whether `values` are being differentiated by a transformation outside the custom_vjp."""
-  return any(isinstance(x, (ad.JVPTracer, ad.LinearizeTracer)) for x in values)
-
-
-def _warn_second_order(scope: str) -> None:
-  warnings.warn(
-      f"{scope}: the backward pass of a compressed call is differentiated (grad of grad, "
-      "jax.hessian, a gradient penalty): its residuals are stored at full precision there, so the "
-      "result is exact but this call saves no memory in that computation.", stacklevel=3)
 
 
 # --- the cache ---------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def residuals(fn: Callable, *args: Any, keep_argnums: Sequence[int] = (), **kwar
     return jax.tree.leaves(fun(*a, **k))
 
   scope = getattr(fun, "__name__", type(fun).__name__)
-  with _context.collecting() as regions:
+  with _context.collecting() as regions, _context.enclosed():
     plan = analyse(flat, leaves, kept, [f"arg{i}" for i in range(len(leaves))], scope, full_precision_options())
   jaxpr = plan.fwd.jaxpr
   # Plain JAX stores what it keeps outside compressed calls: nothing there is rebuilt.

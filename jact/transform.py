@@ -70,14 +70,17 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   whose residuals would be compressed runs with its body compressed on its own, so that each step
   quantises its residuals (the loop would otherwise stack them at full precision first).
   Forward mode (`jvp`, `jacfwd`) runs `fun` as it is: it keeps no residuals, so it is exact and
-  costs nothing. When the backward pass itself is differentiated (`grad` of `grad`, `jax.hessian`,
-  Hessian-vector products, a gradient penalty), the residuals of that computation are stored at
-  full precision, with a warning: second-order results are exact, and that computation saves no
-  memory. Not yet through another transform: with `jit`, `vmap`, `scan`, `cond` or
-  `jax.checkpoint` between this function and the outer differentiation, forward mode raises JAX's
-  custom_vjp error and second order below 32 bits is wrong (use `bits=32` there). `jax.linearize`
-  is not supported: JAX's custom_vjp has no forward mode, and the linear function it returns
-  raises when applied; use `jax.jvp`.
+  costs nothing. When the backward pass itself is differentiated (`grad` of `grad`,
+  `jax.hessian`, Hessian-vector products, a gradient penalty), its derivative is the exact one,
+  computed from the call's full-precision inputs (which only that differentiation keeps), also
+  through `jit`, `vmap` and `scan`; first-order values keep their (unbiased) rounding noise. Not
+  yet: forward mode with `jit`, `vmap`, `scan`, `cond` or `jax.checkpoint` between it and this
+  function raises JAX's custom_vjp error; `jax.linearize` is not supported (JAX's custom_vjp has
+  no forward mode, and the linear function it returns raises when applied): use `jax.jvp`.
+
+  Arguments: leaves that are not arrays (functions, strings, Python bools and ints) are passed
+  as they are, like `static_argnums`; arrays and Python floats are traced. Repeated calls in one
+  traced computation get distinct residual scopes (`name`, `name_1`, ...) unless `name` is given.
 
   Args:
     fun: the function to wrap; its arguments and outputs may be pytrees of arrays.

@@ -1,5 +1,7 @@
 """remat_compress: exact at 32 bits, error proportional to the codec step, unbiased, composable."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,26 +137,26 @@ def test_forward_mode_runs_the_function_as_it_is():
 
 
 def test_second_order_differentiation_is_exact():
-  """Differentiating the backward pass (grad of grad, hessian, Hessian-vector products, a gradient
-  penalty) stores that computation's residuals at full precision, with a warning: exact, where a
-  rounded residual would carry no derivative of its input and give silently wrong numbers."""
+  """Differentiating the backward pass (grad of grad, hessian, Hessian-vector products) gives the
+  exact derivative, computed from the call's own inputs: a rounded residual would carry no
+  derivative of its input. No warning: memory is saved in the first-order pass as always. A
+  gradient penalty multiplies that exact derivative by the first-order gradient, which the stored
+  8-bit residuals give: within the codec's step (1/255 of a group's range)."""
   plain = lambda x: jnp.cos(jnp.sin(x))
   g = jact.remat_compress(plain, bits=8, min_size=0)
-  with pytest.warns(UserWarning, match="differentiated"):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
     assert float(jax.grad(jax.grad(g))(3.0)) == pytest.approx(float(jax.grad(jax.grad(plain))(3.0)), rel=1e-6)
-  f = lambda x: jnp.sum(jnp.tanh(x) ** 2)
-  x = jnp.linspace(-2, 2, 5000)
-  v = jnp.cos(x)
-  hvp = lambda f: jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x)
-  hessian = lambda f: jax.hessian(f)(x[:300])
-  penalty = lambda f: jax.grad(lambda x: f(x) + jnp.sum(jax.grad(f)(x) ** 2))(x)  # WGAN-GP-like
-  with pytest.warns(UserWarning, match="differentiated"):
+    f = lambda x: jnp.sum(jnp.tanh(x) ** 2)
+    x = jnp.linspace(-2, 2, 5000)
+    v = jnp.cos(x)
+    hvp = lambda f: jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x)
+    hessian = lambda f: jax.hessian(f)(x[:300])
+    penalty = lambda f: jax.grad(lambda x: f(x) + jnp.sum(jax.grad(f)(x) ** 2))(x)  # WGAN-GP-like
     for second_order in (hvp, hessian):
       assert rel_err(second_order(jact.remat_compress(f, bits=8)), second_order(f)) < 1e-5
-    # The penalty's gradient adds the loss's first-order gradient, which the call's own backward
-    # pass gives from 8-bit residuals: within the codec's step (1/255 of a group's range).
     assert rel_err(penalty(jact.remat_compress(f, bits=32)), penalty(f)) < 1e-5
-    assert rel_err(penalty(jact.remat_compress(f, bits=8)), penalty(f)) < 1 / 255
+    assert 0 < rel_err(penalty(jact.remat_compress(f, bits=8)), penalty(f)) < 1 / 255
 
 
 def test_bad_arguments():
