@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax._src.interpreters import ad  # the tracer types of jvp and linearize (no public name)
 
-from jact import _context, _jaxpr, _loops, _probing, _schedule
+from jact import _context, _jaxpr, _loops, _probing, _schedule, _tangent
 from jact._classify import InputKind
 from jact._options import Options
 from jact._plan import Plan, build_plan
@@ -49,8 +49,8 @@ class Traced:
     self.labels = ["seed", *labels] if self.takes_seed else list(labels)
     self.plans: dict[tuple, Plan] = {}
     self.last_plan: Plan | None = None  # the last one built or served outside calibration
-    self.core = jax.custom_vjp(self.primal)
-    self.core.defvjp(self.forward, self.backward)
+    self.core = jax.custom_jvp(self.primal)
+    self.core.defjvp(self.jvp)
     self.probing = _probing.ProbingRules(self)
 
   # --- the function and its inputs ---
@@ -148,25 +148,46 @@ class Traced:
   def primal(self, seed, *inputs):
     return self.pure(*self.with_seed(seed, inputs))
 
-  def forward(self, seed, *inputs):
-    inputs = self.with_seed(seed, inputs)
+  def jvp(self, primals, tangents):
+    """The custom_jvp rule: outputs from the forward rule (which stores the residuals
+    compressed), output tangents as `jact._tangent`'s primitive -- exact when evaluated, the
+    compressed backward pass when transposed."""
+    seed, inputs = primals[0], self.with_seed(primals[0], primals[1:])
     plan = self.plan_for(inputs)
     state = _context.current()
     outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
     if state.regions is not None:
-      regions = state.regions
-      regions.append(ResidualTable(plan.infos if plan.table is None else plan.table))
+      state.regions.append(ResidualTable(plan.infos if plan.table is None else plan.table))
     # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
     stored = _schedule.marked(plan, stored, by_reference=state.regions is None)
-    own_inputs = None if state.enclosed else list(self.own_gradients(inputs))
-    return outs, _schedule.Stored(stored, plan, own_inputs)
+    own_inputs = list(self.own_gradients(inputs))
+    float_tangents = [t for x, t in zip(own_inputs, tangents[1:]) if _tangent.is_float(x)]
+    out_tangents = iter(_tangent.bind(self, plan, stored, None if state.enclosed else own_inputs, float_tangents))
+    return outs, [next(out_tangents) if _tangent.is_float(o) else _tangent.float0_zeros(o) for o in outs]
 
-  def backward(self, res: _schedule.Stored, cts):
-    if res.inputs is None:  # part of an enclosing compressed call, which differentiates itself
-      grads = self.own_gradients(_schedule.rule(res.plan, "backward", self.options)(res.arrays, list(cts)))
+  # --- what jact._tangent's primitive calls ---
+
+  def tangent_avals(self) -> list:
+    return [v.aval for v in self.fun_jaxpr.outvars if _tangent.is_float(v.aval.dtype)]
+
+  def exact_jvp(self, inputs: list, tangents: list) -> list:
+    """Tangents of the float outputs of the uncompressed function for those of its float inputs."""
+    given = iter(tangents)
+    full = [next(given) if _tangent.is_float(x) else _tangent.float0_zeros(x) for x in inputs]
+    _, out_tangents = jax.jvp(self._exact, tuple(inputs), tuple(full))
+    return [t for v, t in zip(self.fun_jaxpr.outvars, out_tangents) if _tangent.is_float(v.aval.dtype)]
+
+  def backward(self, plan: Plan, stored: list, inputs: list | None, cts: list) -> list:
+    """Cotangents of the float inputs for those of the float outputs, from the stored residuals."""
+    given = iter(cts)
+    full = [next(given) if _tangent.is_float(v.aval.dtype) else _tangent.float0_zeros(v.aval)
+            for v in self.fun_jaxpr.outvars]
+    if inputs is None:  # part of an enclosing compressed call, which differentiates itself
+      grads = self.own_gradients(_schedule.rule(plan, "backward", self.options)(stored, full))
     else:
-      grads = self._differentiable_backward(res.plan)(res.arrays, res.inputs, list(cts))
-    return (np.zeros((), jax.dtypes.float0), *grads)
+      grads = self._differentiable_backward(plan)(stored, inputs, full)
+    own_avals = [v.aval for v in (*self.fun_jaxpr.constvars, *self.fun_jaxpr.invars)]
+    return [g for g, aval in zip(grads, own_avals) if _tangent.is_float(aval.dtype)]
 
   def _differentiable_backward(self, plan: Plan) -> Callable:
     """The backward rule of `plan` as a function of (stored arrays, the call's inputs,
@@ -197,15 +218,14 @@ class Traced:
       plan.compiled_rules["differentiable"] = differentiable
     return plan.compiled_rules["differentiable"]
 
+  def _exact(self, *inputs) -> list[Any]:
+    """The uncompressed function of the call's own inputs (FIXED inputs get no derivative)."""
+    xs = [jax.lax.stop_gradient(x) if k is InputKind.FIXED else x for x, k in zip(inputs, self.own_kinds)]
+    return jax.core.eval_jaxpr(self.fun_jaxpr, xs[:self.num_consts], *xs[self.num_consts:])
+
   def _exact_vjp(self, inputs, cts) -> list[Any]:
-    """Input cotangents of the uncompressed function (as jax.vjp gives them; FIXED inputs get none)."""
-    own_kinds = self.own_kinds
-
-    def fun(*xs):
-      xs = [jax.lax.stop_gradient(x) if k is InputKind.FIXED else x for x, k in zip(xs, own_kinds)]
-      return jax.core.eval_jaxpr(self.fun_jaxpr, xs[:self.num_consts], *xs[self.num_consts:])
-
-    _, pullback = jax.vjp(fun, *inputs)
+    """Input cotangents of the uncompressed function (as jax.vjp gives them)."""
+    _, pullback = jax.vjp(self._exact, *inputs)
     return list(pullback(list(cts)))
 
   def call(self, seed, inputs) -> list[Any]:

@@ -14,11 +14,11 @@ layers (lax.scan, fori_loop) at 2.5/255, unrolled or not, for every seed (and th
 seeds' gradients is 4x closer, as unbiased noise should be): the bound is 4/255; 2/255 would fail
 honest cases. Rounding noise is selected by a fixed `rng` key, so every case is deterministic.
 
-Forward mode runs the function as it is, and the derivative of a compressed backward pass is the
-exact one: forward mode, grad of grad, jax.hessian and Hessian-vector products are exact at both
-widths, through jit, vmap and scan too; a gradient penalty is within the codec's noise, unbiased.
-Forward mode through another transform (jit, vmap, scan, cond, checkpoint) is a strict xfail at
-the end of the file, with what goes wrong.
+Forward mode evaluates the exact JVP, and the derivative of a compressed backward pass is the
+exact one: jvp, jacfwd, jax.linearize, grad of grad, jax.hessian and Hessian-vector products are
+exact at both widths, through jit, vmap, scan, cond and checkpoint too (the transpose of a
+linearised function is the compressed backward pass: within the codec's noise); a gradient
+penalty is within the codec's noise, unbiased.
 """
 
 import contextlib
@@ -463,7 +463,7 @@ def test_second_order_is_exact(bits):
     assert_close(penalty(s), penalty(smooth), bits)
 
 
-# --- forward mode (a tracked failure) and second order through another transform -------------------
+# --- forward mode and second order through another transform ------------------------------------
 
 def rows(x):
   return jnp.tanh(x) * jnp.sin(x)
@@ -478,23 +478,35 @@ THROUGH = {
     "checkpoint": lambda f, x: jax.checkpoint(f)(x),
 }
 
-FORWARD_THROUGH_XFAIL = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "jax.jvp / jax.jacfwd of a compressed function reached through jit, vmap, scan, cond or "
-    "jax.checkpoint (which trace it to a jaxpr first, or for vmap hand it BatchTracers, so jact "
-    "never sees a JVPTracer and calls its custom_vjp) raises JAX's "
-    "generic \"TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function.\" "
-    "instead of running the function as it is (as jvp of the compressed function itself does) or "
-    "raising jact's own error"))
-
-
-@FORWARD_THROUGH_XFAIL
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("route", THROUGH)
 def test_forward_mode_through_another_transform(route, bits):
+  """jvp with jit, vmap, scan, cond or checkpoint in between: the tangent is a primitive whose
+  evaluation is the exact JVP, wherever JAX meets it."""
   x, _, v = data()
   through = THROUGH[route]
   jvp = lambda f: jax.jvp(lambda x: through(f, x), (x,), (v,))
   assert_exact(jvp(compressor(bits)(rows)), jvp(rows))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_linearize_and_higher_forward_orders_are_exact(bits):
+  """jax.linearize (its linear function applied and transposed), forward over forward
+  (jacfwd of jacfwd) and reverse over forward (grad of a jvp), under jit too."""
+  x, _, v = data()
+  small = x[0, :48]
+  g = compressor(bits)(rows)
+  for jit in (False, True):
+    maybe_jit = jax.jit if jit else (lambda f: f)
+    out, linear = jax.linearize(maybe_jit(g), x)
+    want_out, want_linear = jax.linearize(rows, x)
+    assert_exact(out, want_out)
+    assert_exact(linear(v), want_linear(v))
+    assert_close(jax.linear_transpose(linear, x)(v), jax.linear_transpose(want_linear, x)(v), bits)
+    s = compressor(bits)(smooth)
+    assert_exact(maybe_jit(jax.jacfwd(jax.jacfwd(s)))(small), jax.jacfwd(jax.jacfwd(smooth))(small))
+    grad_of_jvp = lambda f: maybe_jit(jax.grad(lambda x: jnp.sum(jax.jvp(f, (x,), (v,))[1] ** 2)))(x)
+    assert_exact(grad_of_jvp(g), grad_of_jvp(rows))
 
 
 # Each 8-bit case compiles a differentiated codec (2-4 s): cond and checkpoint, which JAX handles
