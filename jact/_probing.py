@@ -28,7 +28,7 @@ class ProbingRules:
     self.probed = jax.custom_vjp(self._probed_primal)
     self.probed.defvjp(self._probed_forward, self._probed_backward)
     self.exposed = jax.custom_vjp(traced.primal)
-    self.exposed.defvjp(self._exposed_forward, traced.backward)
+    self.exposed.defvjp(self._exposed_forward, self._exposed_backward)
 
   def call(self, seed, inputs) -> list[Any]:
     """The call with each residual the policy would size perturbed by the probe's delta for it."""
@@ -74,3 +74,7 @@ class ProbingRules:
     plan = traced.plan_for(inputs)
     outs, stored = _schedule.run_forward_uncompressed(plan, traced.options, seed, inputs)
     return outs, _schedule.Stored(_schedule.marked(plan, stored, exposing=True), plan)
+
+  def _exposed_backward(self, res, cts):
+    grads = _schedule.rule(res.plan, "backward", self.traced.options)(res.arrays, list(cts))
+    return (np.zeros((), jax.dtypes.float0), *self.traced.own_gradients(grads))

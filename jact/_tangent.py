@@ -83,6 +83,8 @@ def _impl(*args, call, plan, num_stored, num_inputs, batched):
 
 
 def _abstract_eval(*avals, call, plan, num_stored, num_inputs, batched):
+  if not batched:
+    return [a.to_tangent_aval() for a in call.tangent_avals()]
   sizes = tuple(size for _, size in reversed(batched))  # outermost first
   return [jax.core.ShapedArray(sizes + tuple(a.shape), a.dtype) for a in call.tangent_avals()]
 

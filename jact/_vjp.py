@@ -1,12 +1,14 @@
-"""The custom_vjp of a compressed call, and the cache that shares it between identical calls.
+"""The custom_jvp of a compressed call, and the cache that shares it between identical calls.
 
 A `Traced` holds everything shared by the calls that trace to the same function: its jaxpr, the
 chains rewritten in it, the loops compressed step by step, and one `Plan` per input signature.
-Its `core` is the `jax.custom_vjp` that every call goes through: the forward rule runs the plan's
-forward interpreter (which stores the residuals compressed), the backward rule its backward
-interpreter. While `jact.calibrate` probes, calls go through `jact._probing`'s rules instead.
+Its `core` is the `jax.custom_jvp` that every call goes through. Its rule runs the plan's forward
+interpreter (which stores the residuals compressed) and returns output tangents as
+`jact._tangent`'s primitive: evaluated (forward mode) it is the exact JVP, transposed (reverse
+mode) it runs the plan's backward interpreter on the stored residuals. While `jact.calibrate`
+probes, calls go through `jact._probing`'s rules instead.
 
-The custom_vjp closes over no tracer (constants and closed-over values arrive as arguments), so
+The custom_jvp closes over no tracer (constants and closed-over values arrive as arguments), so
 `traced_for` can serve a `Traced` to every later call whose function has the same structure: the
 16 identical layers of a deep network are analysed once.
 """
@@ -143,7 +145,7 @@ class Traced:
     self.plans = {k: p for k, p in self.plans.items() if k[1]}  # traced without them
     return rewritten
 
-  # --- the custom_vjp ---
+  # --- the custom_jvp ---
 
   def primal(self, seed, *inputs):
     return self.pure(*self.with_seed(seed, inputs))
@@ -153,14 +155,20 @@ class Traced:
     compressed), output tangents as `jact._tangent`'s primitive -- exact when evaluated, the
     compressed backward pass when transposed."""
     seed, inputs = primals[0], self.with_seed(primals[0], primals[1:])
-    plan = self.plan_for(inputs)
-    state = _context.current()
-    outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
-    if state.regions is not None:
-      state.regions.append(ResidualTable(plan.infos if plan.table is None else plan.table))
-    # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
-    stored = _schedule.marked(plan, stored, by_reference=state.regions is None)
     own_inputs = list(self.own_gradients(inputs))
+    try:
+      plan = self.plan_for(inputs)
+    except Exception as error:  # noqa: BLE001 -- raised again where reverse mode needs the plan
+      # No reverse mode here (a lax.while_loop, say): forward mode needs no plan, and reverse
+      # mode raises this error when it transposes the tangent.
+      plan, outs, stored = Unplanned(error), self.pure(*inputs), []
+    state = _context.current()  # (read after planning, which replaces it for a while)
+    if not isinstance(plan, Unplanned):
+      outs, stored = _schedule.rule(plan, "forward", self.options)(seed, list(inputs))
+      if state.regions is not None:
+        state.regions.append(ResidualTable(plan.infos if plan.table is None else plan.table))
+      # (While jact.residuals collects, nothing is compiled: all is marked, as this call's.)
+      stored = _schedule.marked(plan, stored, by_reference=state.regions is None)
     float_tangents = [t for x, t in zip(own_inputs, tangents[1:]) if _tangent.is_float(x)]
     out_tangents = iter(_tangent.bind(self, plan, stored, None if state.enclosed else own_inputs, float_tangents))
     return outs, [next(out_tangents) if _tangent.is_float(o) else _tangent.float0_zeros(o) for o in outs]
@@ -179,6 +187,8 @@ class Traced:
 
   def backward(self, plan: Plan, stored: list, inputs: list | None, cts: list) -> list:
     """Cotangents of the float inputs for those of the float outputs, from the stored residuals."""
+    if isinstance(plan, Unplanned):
+      raise plan.error
     given = iter(cts)
     full = [next(given) if _tangent.is_float(v.aval.dtype) else _tangent.float0_zeros(v.aval)
             for v in self.fun_jaxpr.outvars]
@@ -231,8 +241,8 @@ class Traced:
   def call(self, seed, inputs) -> list[Any]:
     """Runs the call: through `core`, or while calibrate probes through the probing rules.
 
-    Under forward-mode differentiation (`jvp`, `jacfwd`) the function runs as it is: forward mode
-    keeps no residuals, so there is nothing to compress (and a custom_vjp has no forward mode)."""
+    Directly under forward-mode differentiation (`jvp`, `jacfwd` outside any jit) the function
+    runs as it is: forward mode keeps no residuals, so there is nothing to compress or plan."""
     if _context.current().probe is not None:
       return self.probing.call(seed, inputs)
     if any(isinstance(x, ad.JVPTracer) for x in inputs):
@@ -242,6 +252,14 @@ class Traced:
   def call_exposing(self, seed, inputs) -> list[Any]:
     """A loop body's call while calibrate probes (see `jact._probing`)."""
     return self.probing.exposed(seed, *inputs)
+
+
+class Unplanned:
+  """The plan of a call that has none: building it raised `error` (reverse mode of a
+  lax.while_loop, say), which reverse mode raises again."""
+
+  def __init__(self, error: Exception):
+    self.error = error
 
 
 # --- the cache ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The public entry point: it checks its options, flattens a call's arguments into leaves of known
 kinds (parameters, index inputs, activations), traces the function and hands the call to its
-`jact._vjp.Traced`, whose custom_vjp stores the residuals compressed. How a plan is built and run
+`jact._vjp.Traced`, whose custom_jvp stores the residuals compressed. How a plan is built and run
 lives in `jact._plan`, `jact._classify`, `jact._schedule` and `jact._loops`
 (`docs/architecture.md` has the map).
 """
@@ -69,14 +69,13 @@ def remat_compress(fun: Callable | None = None, bits: policies.BitsOrPolicy = 2,
   Composes with `jit`, `grad`, `vmap`, `lax.scan` and `jax.checkpoint`. A `lax.scan` inside `fun`
   whose residuals would be compressed runs with its body compressed on its own, so that each step
   quantises its residuals (the loop would otherwise stack them at full precision first).
-  Forward mode (`jvp`, `jacfwd`) runs `fun` as it is: it keeps no residuals, so it is exact and
-  costs nothing. When the backward pass itself is differentiated (`grad` of `grad`,
-  `jax.hessian`, Hessian-vector products, a gradient penalty), its derivative is the exact one,
-  computed from the call's full-precision inputs (which only that differentiation keeps), also
-  through `jit`, `vmap` and `scan`; first-order values keep their (unbiased) rounding noise. Not
-  yet: forward mode with `jit`, `vmap`, `scan`, `cond` or `jax.checkpoint` between it and this
-  function raises JAX's custom_vjp error; `jax.linearize` is not supported (JAX's custom_vjp has
-  no forward mode, and the linear function it returns raises when applied): use `jax.jvp`.
+  Every transformation composes, in any order and through `jit`, `vmap`, `scan`, `cond` and
+  `jax.checkpoint`: forward mode (`jvp`, `jacfwd`, `jax.linearize`) gives the exact JVP (the
+  tangent is evaluated from the call's full-precision inputs; forward mode keeps no residuals);
+  when the backward pass itself is differentiated (`grad` of `grad`, `jax.hessian`,
+  Hessian-vector products, a gradient penalty) its derivative is the exact one, from the same
+  inputs, and the first-order values keep their (unbiased) rounding noise. Only reverse mode reads
+  the compressed residuals, and only higher orders keep the inputs (see `jact._tangent`).
 
   Arguments: leaves that are not arrays (functions, strings, Python bools and ints) are passed
   as they are, like `static_argnums`; arrays and Python floats are traced. Repeated calls in one
