@@ -169,7 +169,10 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
         return outs
 
       haiku_values = _haiku.values_in_frame()
-      fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
+      try:
+        fun_jaxpr = jax.make_jaxpr(flat_fun)(*leaves)
+      except jax.errors.ConcretizationTypeError as error:  # (TracerBool/IntegerConversionError too)
+        raise _concretization_error(base_scope, error, path_leaves, traced_at, labels) from error
       _haiku.check_no_leak(haiku_values, scope)
       consts = list(fun_jaxpr.consts)
       call_options = options if override is None else dataclasses.replace(options, policy=override)
@@ -184,6 +187,18 @@ def _compressed_call(fun: Callable, options: Options) -> Callable:
 
   wrapped_id = object()  # this wrapper's part of the keys of _EAGER_TRACES
   return wrapped
+
+
+def _concretization_error(name: str, error: Exception, path_leaves, traced_at, labels) -> TypeError:
+  """A clear error for a traced argument that the function needs as a Python value."""
+  scalars = [label for j, label in zip(traced_at, labels) if isinstance(path_leaves[j][1], (float, complex))]
+  which = (f"its Python number argument(s) {', '.join(scalars)} are traced" if scalars
+           else f"its array arguments ({', '.join(labels)}) are traced")
+  return TypeError(
+      f"{name}: the function needs a concrete Python value (for an `if`, a shape or an index) but "
+      f"{which}. Pass such an argument through static_argnums (arrays and Python floats are "
+      f"traced; Python bools, ints, strings and functions are static by themselves). JAX said: "
+      f"{str(error).splitlines()[0]}")
 
 
 def _is_traced_leaf(leaf: Any) -> bool:

@@ -190,6 +190,16 @@ def test_non_array_arguments_are_static():
   assert rel_err(grad, want) < 4 / 255
 
 
+def test_a_traced_argument_needed_as_a_python_value_is_named():
+  """A Python float is traced; used in an `if`, the error names it and says what to do."""
+  def f(x, rate):
+    return x * 2 if rate > 0.5 else x
+
+  with pytest.raises(TypeError, match=r"f: .*Python number argument\(s\) rate are traced.*static_argnums"):
+    jact.remat_compress(f)(jnp.ones(3), 0.7)
+  np.testing.assert_allclose(jact.remat_compress(f, static_argnums=(1,))(jnp.ones(3), 0.7), 2 * np.ones(3))
+
+
 def test_repeated_calls_get_distinct_stable_names():
   """The n-th call of one wrapped function in a traced computation is scoped `name_n` (the
   first keeps `name`), the same at every trace; named scopes and an explicit name= decide
