@@ -158,9 +158,11 @@ class Traced:
     own_inputs = list(self.own_gradients(inputs))
     try:
       plan = self.plan_for(inputs)
-    except Exception as error:  # noqa: BLE001 -- raised again where reverse mode needs the plan
-      # No reverse mode here (a lax.while_loop, say): forward mode needs no plan, and reverse
-      # mode raises this error when it transposes the tangent.
+    except ValueError as error:
+      if not _no_reverse_mode(error):
+        raise
+      # The function has no reverse mode (a lax.while_loop): forward mode needs no plan, and
+      # reverse mode raises JAX's error when it transposes the tangent.
       plan, outs, stored = Unplanned(error), self.pure(*inputs), []
     state = _context.current()  # (read after planning, which replaces it for a while)
     if not isinstance(plan, Unplanned):
@@ -252,6 +254,11 @@ class Traced:
   def call_exposing(self, seed, inputs) -> list[Any]:
     """A loop body's call while calibrate probes (see `jact._probing`)."""
     return self.probing.exposed(seed, *inputs)
+
+
+def _no_reverse_mode(error: Exception) -> bool:
+  """Whether `error` is JAX's refusal to reverse-differentiate (a lax.while_loop, say)."""
+  return "Reverse-mode differentiation does not work" in str(error)
 
 
 class Unplanned:

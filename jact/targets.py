@@ -76,8 +76,13 @@ def compile_for(jitted: Any, target: str, *args: Any, compiler_options: dict | N
   """`jitted` compiled for `target`: "cpu" (this process's default backend), or a GPU without
   one (see `target_text`): then arrays among the arguments become abstract values on that GPU,
   and Pallas kernels lower for its compute capability."""
+  return lower_for(jitted, target, *args, **kwargs).compile(compiler_options=compiler_options)
+
+
+def lower_for(jitted: Any, target: str, *args: Any, **kwargs: Any) -> Any:
+  """`jitted` lowered for `target` (see `compile_for`), not compiled yet."""
   if target == "cpu":
-    return jitted.lower(*args, **kwargs).compile(compiler_options=compiler_options)
+    return jitted.lower(*args, **kwargs)
   mesh = mesh_for(target_text(target))
   device = mesh.devices.flat[0]
   abstract_device = jax.sharding.AbstractDevice(_kind_for_kernels(device.device_kind), device.core_count, "gpu")
@@ -85,8 +90,7 @@ def compile_for(jitted: Any, target: str, *args: Any, compiler_options: dict | N
   # Triton lowers a kernel for the device of the abstract mesh in context (the default device
   # here is the CPU).
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=abstract_device)):
-    lowered = jitted.lower(*args, **kwargs)
-  return lowered.compile(compiler_options=compiler_options)
+    return jitted.lower(*args, **kwargs)
 
 
 def _kind_for_kernels(device_kind: str) -> str:

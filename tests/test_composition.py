@@ -161,7 +161,8 @@ def test_switch_inside(bits):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_while_loop_inside(bits):
-  """Forward and forward mode run; reverse mode raises JAX's own error, as for the plain function."""
+  """Forward and forward mode (jvp, under jit, linearize) run; reverse mode raises JAX's own error,
+  as for the plain function."""
   x, w, v = data()
 
   def fun(x, w):
@@ -170,6 +171,9 @@ def test_while_loop_inside(bits):
   g = compressor(bits)(fun)
   assert_exact(g(x, w), fun(x, w))
   assert_exact(jax.jvp(lambda x: g(x, w), (x,), (v,)), jax.jvp(lambda x: fun(x, w), (x,), (v,)))
+  jitted_jvp = jax.jit(lambda x, v: jax.jvp(lambda x: g(x, w), (x,), (v,))[1])  # no plan is needed
+  assert_exact(jitted_jvp(x, v), jax.jvp(lambda x: fun(x, w), (x,), (v,))[1])
+  assert_exact(jax.linearize(lambda x: g(x, w), x)[1](v), jax.linearize(lambda x: fun(x, w), x)[1](v))
   with pytest.raises(ValueError) as plain_error:
     jax.grad(lambda x: jnp.sum(fun(x, w)))(x)
   with pytest.raises(ValueError) as compressed_error:
