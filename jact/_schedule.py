@@ -94,8 +94,7 @@ def run_forward(plan: Plan, options: Options, seed: jax.Array, inputs: Sequence[
     if pending and any(eqn.invars[k] not in constant and eqn.invars[k] not in jaxpr.constvars for k in dynamic):
       for k, value in zip(dynamic, tie([invals[k] for k in dynamic])):
         invals[k] = value
-    invals = loop_constants_made_late(jaxpr, constant, eqn, invals, env)
-    for var, value in zip(eqn.outvars, _jaxpr.eval_eqn(eqn, invals)):
+    for var, value in zip(eqn.outvars, _eval_with_late_constants(jaxpr, constant, eqn, invals, env)):
       env.write(var, value)
     quantize_ready(i)
   outs = [env.read(v) for v in jaxpr.outvars[:plan.num_outs]]
@@ -201,8 +200,7 @@ def run_backward(plan: Plan, options: Options, stored: Sequence[Any], cts: Seque
               for v in eqn.invars]
     restore_for(eqn.invars, invals)
     invals = [env.read(v) if value is None else value for v, value in zip(eqn.invars, invals)]
-    invals = loop_constants_made_late(jaxpr, constant, eqn, invals, env)
-    outs = _jaxpr.eval_eqn(eqn, invals)
+    outs = _eval_with_late_constants(jaxpr, constant, eqn, invals, env)
     for var, value in zip(eqn.outvars, outs):
       env.write(var, value)
     previous[:] = [v for var, v in zip(eqn.outvars, outs)
@@ -267,19 +265,60 @@ def _recompute(plan: Plan, parameters: Sequence[Any], recompute: Recomputation) 
 
 
 _LOOPS = frozenset({"scan", "while"})
+# Operations that update a buffer in place: a constant operand (the zeros a scatter-add -- the
+# transpose of a gather -- accumulates into) is materialised in a buffer of its own.
+_IN_PLACE = _LOOPS | {"scatter-add", "scatter_add", "scatter"}
+# Calls whose bodies the backward pass evaluates inline when they hold such an operation: called,
+# their constants are out of reach of the barrier (a checkpointed gather's transpose is one).
+_CALLS = frozenset({"checkpoint", "remat2", "jit", "pjit", "closed_call"})
 
 
-def loop_constants_made_late(jaxpr, constant: dict, eqn, invals: list[Any], env) -> list[Any]:
-  """`invals` of a loop, with the constants it carries (the zeros a scan accumulates into)
-  rebuilt so that XLA computes them only once the loop's other inputs exist.
+def _body(eqn):
+  """(jaxpr, consts) of a call equation."""
+  inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  return (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, [])
+
+
+def _holds_late_constants(jaxpr) -> bool:
+  constant = _jaxpr.constant_producers(jaxpr)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _IN_PLACE and any(
+        not _jaxpr.is_literal(v) and v in constant and v.aval.shape for v in eqn.invars):
+      return True
+    if eqn.primitive.name in _CALLS and _holds_late_constants(_body(eqn)[0]):
+      return True
+  return False
+
+
+def _eval_with_late_constants(jaxpr, constant: dict, eqn, invals: list[Any], env) -> list[Any]:
+  """`eqn` evaluated with the constants it updates in place made late (`constants_made_late`),
+  looking inside calls that hold such an update."""
+  if eqn.primitive.name in _CALLS and _holds_late_constants(_body(eqn)[0]):
+    inner, consts = _body(eqn)
+    inner_env = _jaxpr.bind_inputs(inner, consts, invals)
+    inner_constant = _jaxpr.constant_producers(inner)
+    for inner_eqn in inner.eqns:
+      outs = _eval_with_late_constants(inner, inner_constant, inner_eqn,
+                                       [inner_env.read(v) for v in inner_eqn.invars], inner_env)
+      for var, value in zip(inner_eqn.outvars, outs):
+        inner_env.write(var, value)
+    return [inner_env.read(v) for v in inner.outvars]
+  return _jaxpr.eval_eqn(eqn, constants_made_late(jaxpr, constant, eqn, invals, env))
+
+
+def constants_made_late(jaxpr, constant: dict, eqn, invals: list[Any], env) -> list[Any]:
+  """`invals` of a loop or an in-place update, with the constants it carries or updates (the
+  zeros a scan or a scatter-add accumulates into) rebuilt so that XLA computes them only once the
+  equation's other inputs exist.
 
   XLA schedules an instruction that reads no runtime value early, at the start of the step, and
   a loop needs its carry in a buffer of its own: the constant is materialised there and kept
   alive until the loop runs -- in a graph network, a node-sized buffer per message-passing layer,
-  alive across the whole forward or backward pass. Passing the constant's literal inputs through
-  a barrier with the loop's runtime inputs makes it wait for them.
+  alive across the whole forward or backward pass; in a CNN, the max-pooling gradient's
+  input-sized zeros, alive across the backward pass (seen on XLA:GPU). Passing the constant's
+  literal inputs through a barrier with the equation's runtime inputs makes it wait for them.
   """
-  if eqn.primitive.name not in _LOOPS:
+  if eqn.primitive.name not in _IN_PLACE:
     return invals
   late = [k for k, v in enumerate(eqn.invars) if not _jaxpr.is_literal(v) and v in constant and v.aval.shape]
   dynamic = [k for k, v in enumerate(eqn.invars) if not _jaxpr.is_literal(v) and v not in constant
