@@ -53,10 +53,12 @@ tangent_p.multiple_results = True
 def bind(call: Call, plan: Any, stored: Sequence[Any], inputs: Sequence[Any] | None,
          tangents: Sequence[Any]) -> list[Any]:
   """The output tangents of `call` for input `tangents` (those of its float inputs)."""
-  inputs = () if inputs is None else tuple(inputs)
   leaves, tree = jax.tree.flatten(list(stored))
-  return tangent_p.bind(*leaves, *inputs, *tangents, call=call, plan=(plan, tree), num_stored=len(leaves),
-                        num_inputs=len(inputs), batched=())
+  # `plan` carries whether the inputs were handed over (None: the call is part of an enclosing
+  # one, which evaluates and differentiates itself).
+  given = () if inputs is None else tuple(inputs)
+  return tangent_p.bind(*leaves, *given, *tangents, call=call, plan=(plan, tree, inputs is not None),
+                        num_stored=len(leaves), num_inputs=len(given), batched=())
 
 
 def _split(args, num_stored, num_inputs):
@@ -71,7 +73,7 @@ def _vmapped(fn: Callable, levels: Sequence[tuple]) -> Callable:
 
 
 def _impl(*args, call, plan, num_stored, num_inputs, batched):
-  if num_inputs == 0:
+  if not plan[2]:
     raise TypeError("jact internal error: forward-mode evaluation of a compressed call that is "
                     "part of an enclosing one (the enclosing call evaluates its own).")
 
@@ -96,8 +98,8 @@ def _transpose(cts, *args, call, plan, num_stored, num_inputs, batched):
 
   def backward(*args):
     stored, inputs, cts = _split(args, num_stored, num_inputs)
-    plan_of_call, tree = plan
-    return call.backward(plan_of_call, jax.tree.unflatten(tree, stored), inputs if num_inputs else None, cts)
+    plan_of_call, tree, have_inputs = plan
+    return call.backward(plan_of_call, jax.tree.unflatten(tree, stored), inputs if have_inputs else None, cts)
 
   levels = [axes[:num_stored + num_inputs] + (0,) * len(cts) for axes, _ in batched]
   grads = _vmapped(backward, levels)(*stored, *inputs, *cts)

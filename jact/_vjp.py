@@ -19,7 +19,6 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from jax._src.interpreters import ad  # the tracer types of jvp and linearize (no public name)
 
 from jact import _context, _jaxpr, _loops, _probing, _schedule, _tangent
