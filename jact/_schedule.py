@@ -345,19 +345,17 @@ def constants_made_late(jaxpr, constant: dict, eqn, invals: list[Any], env) -> l
 @jax.tree_util.register_pytree_node_class
 class Stored:
   """What a compressed call's forward rule hands its backward rule: the stored arrays, with the
-  plan that made them as static data, and the call's own inputs (`inputs`, or None) for exact
-  derivatives of the backward pass (see `jact._vjp`): only second-order differentiation reads
-  them, so a first-order step never keeps them (XLA drops what nothing reads)."""
+  plan that made them as static data."""
 
-  def __init__(self, arrays, plan, inputs=None):
-    self.arrays, self.plan, self.inputs = arrays, plan, inputs
+  def __init__(self, arrays, plan):
+    self.arrays, self.plan = arrays, plan
 
   def tree_flatten(self):
-    return (self.arrays, self.inputs), self.plan
+    return (self.arrays,), self.plan
 
   @classmethod
   def tree_unflatten(cls, plan, children):
-    return cls(children[0], plan, children[1])
+    return cls(children[0], plan)
 
 
 def marked(plan: Plan, stored: Sequence[Any], by_reference: bool = True, exposing: bool = False) -> list[Any]:
